@@ -1,0 +1,152 @@
+"""``crossopd bench align``: alignment + credit throughput against the decode-based baseline.
+
+The baseline lives in ``benchmarks/decode_baseline.py`` of a source checkout (it is not part of
+the library). Numbers are student tokens per second, median of repeated runs, single process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossopd.align import align
+from crossopd.credit import assign_credit
+from crossopd.tokens import ByteVocab
+
+PAIRS = (("smollm2", "gemma3-270m"), ("llama3", "mistral-v3"), ("cl100k", "tekken"))
+SIZES = (512, 4096, 16384)
+QUICK_SIZES = (512, 4096)
+
+# Mixed-language material: prose, code, maths with long digit runs, accents (NFC and NFD), CJK,
+# Korean, Arabic (RTL), emoji with ZWJ sequences, whitespace runs, tabs and CRLF.
+SNIPPETS = (
+    "The student samples a response and the teacher scores every token of it. ",
+    "def chunk_sums(x, seg):\n    return np.bincount(seg, weights=x)\n\n",
+    "Compute 123456789 * 987654321 = 121932631112635269, then add 3.14159265358979. ",
+    "Größere Übungen für Schüler: die Straße ist naß. ",
+    "Cafe\u0301 de\u0301ja\u0300 vu, na\u0131\u0308ve re\u0301sume\u0301. ",
+    "机器学习模型的蒸馏需要对齐不同的分词器。",
+    "東京の天気は晴れです。今日は勉強します。",
+    "안녕하세요, 토크나이저 정렬 테스트입니다. ",
+    "مرحبا بالعالم، هذا نص عربي للاختبار. ",
+    "Family: 👨\u200d👩\u200d👧\u200d👦, flags 🇫🇷🇯🇵, skin 👋🏽, heart ❤\ufe0f. ",
+    "    indented    with   runs\tof\t\twhitespace  \r\n",
+    "<think>Let me check step 2 first.</think> The answer is 42.\n",
+    "| col | value |\n|-----|-------|\n| a   | 1,000,000 |\n",
+)
+
+
+def mixed_text(n_chars: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    parts, total = [], 0
+    while total < n_chars:
+        s = rng.choice(SNIPPETS)
+        parts.append(s)
+        total += len(s)
+    return "".join(parts)
+
+
+def sample_response(sv: ByteVocab, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """Exactly ``n_tokens`` student ids of mixed text (the cut may fall inside a character,
+    as a length-limited sample does)."""
+    n_chars = n_tokens * 2
+    while True:
+        ids = sv.encode_bytes(mixed_text(n_chars, seed).encode("utf-8"))
+        if len(ids) >= n_tokens:
+            return np.asarray(ids[:n_tokens], dtype=np.int64)
+        n_chars *= 2
+
+
+def _load_baseline() -> Any | None:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_baseline.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("crossopd_decode_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _median_time(fn, min_repeats: int, min_seconds: float) -> float:
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10_000:
+            break
+    return statistics.median(times)
+
+
+def bench_align(quick: bool = False, pairs=PAIRS, sizes=None, progress=None) -> dict:
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
+    baseline = _load_baseline()
+    rng = np.random.default_rng(0)
+    results = []
+    vocabs: dict[str, ByteVocab] = {}
+    for student, teacher in pairs:
+        for name in (student, teacher):
+            if name not in vocabs:
+                vocabs[name] = ByteVocab.from_pretrained(name)
+        sv, tv = vocabs[student], vocabs[teacher]
+        for n in sizes:
+            s_ids = sample_response(sv, n)
+            t_ids = np.asarray(tv.encode_bytes(sv.concat_bytes(s_ids)), dtype=np.int64)
+            s_lp = -rng.exponential(1.0, s_ids.size)
+            t_lp = -rng.exponential(1.0, t_ids.size)
+
+            def ours(s_ids=s_ids, t_ids=t_ids, s_lp=s_lp, t_lp=t_lp, sv=sv, tv=tv):
+                a = align(s_ids, t_ids, sv, tv)
+                assign_credit(a, t_lp, s_lp)
+                return a
+
+            a = ours()
+            t_ours = _median_time(ours, 5, 0.3 if quick else 1.0)
+            row = {
+                "pair": f"{student}->{teacher}",
+                "tokens": int(n),
+                "teacher_tokens": int(t_ids.size),
+                "one_to_one_share": a.one_to_one_share,
+                "coverage": a.coverage,
+                "unaligned_share": a.unaligned_student_tokens / n,
+                "crossopd_tok_per_s": n / t_ours,
+                "baseline_tok_per_s": None,
+                "baseline_unaligned_share": None,
+                "speedup": None,
+            }
+            if baseline is not None:
+                s_list, t_list = s_ids.tolist(), t_ids.tolist()
+                box: dict = {}
+
+                def base(s_list=s_list, t_list=t_list, sv=sv, tv=tv, box=box):
+                    box["r"] = baseline.decode_align(s_list, t_list, sv.decode, tv.decode)
+
+                t_base = _median_time(base, 1 if n > 4096 else 2, 0.0)
+                row["baseline_tok_per_s"] = n / t_base
+                row["baseline_unaligned_share"] = box["r"][1] / n
+                row["speedup"] = t_base / t_ours
+            results.append(row)
+            if progress:
+                progress(row)
+    return {
+        "benchmark": "align",
+        "quick": quick,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "baseline": "benchmarks/decode_baseline.py (decode-based, paper's description)"
+        if baseline is not None
+        else None,
+        "results": results,
+    }

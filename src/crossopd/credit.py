@@ -1,0 +1,99 @@
+"""Chunk credit assignment: spread each chunk's teacher log-prob over its student tokens.
+
+For chunk c with teacher total ``L_T`` and student total ``L_S`` every rule returns one target
+``q_i`` per student token with ``sum(q_i for i in c) == L_T`` (DESIGN section 1). All rules are
+segment sums over the chunk index, so the cost is a few array passes whatever the chunk count.
+Works on numpy arrays and on torch tensors (same device, same dtype family out as in).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from crossopd.align import Alignment
+
+Rule = Literal["proportional", "uniform", "last"]
+RULES: tuple[str, ...] = ("proportional", "uniform", "last")
+PROPORTIONAL_EPS = 1e-8
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _segment_sum(values: Any, seg: Any, n: int) -> Any:
+    if _is_torch(values):
+        import torch
+
+        out = torch.zeros(n, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, seg, values)
+    return np.bincount(seg, weights=values, minlength=n)
+
+
+def assign_credit(
+    alignment: Alignment,
+    teacher_logps: Any,
+    student_logps: Any,
+    rule: Rule = "proportional",
+) -> Any:
+    """Per-student-token targets ``q`` whose chunk sums equal the teacher's chunk log-prob.
+
+    ``teacher_logps`` has one entry per teacher token and ``student_logps`` one per student token
+    (rollout-time log-probs). Returns the same array type as ``student_logps`` with NaN where the
+    student token is unaligned.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown credit rule {rule!r}; choose one of {', '.join(RULES)}")
+    torch_mode = _is_torch(student_logps)
+    if torch_mode:
+        import torch
+
+        s_lp = student_logps
+        t_lp = torch.as_tensor(teacher_logps, dtype=s_lp.dtype, device=s_lp.device)
+        s_chunk = torch.as_tensor(alignment.student_chunk, device=s_lp.device)
+        t_chunk = torch.as_tensor(alignment.teacher_chunk, device=s_lp.device)
+        where, nan = torch.where, float("nan")
+    else:
+        s_lp = np.asarray(student_logps, dtype=np.float64)
+        t_lp = np.asarray(teacher_logps, dtype=np.float64)
+        s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
+        where, nan = np.where, np.nan
+    if s_lp.shape != tuple(s_chunk.shape):
+        raise ValueError(
+            f"student_logps has shape {tuple(s_lp.shape)} but the alignment has "
+            f"{s_chunk.shape[0]} student tokens"
+        )
+    if t_lp.shape != tuple(t_chunk.shape):
+        raise ValueError(
+            f"teacher_logps has shape {tuple(t_lp.shape)} but the alignment has "
+            f"{t_chunk.shape[0]} teacher tokens"
+        )
+    n = alignment.num_chunks
+    s_ok, t_ok = s_chunk >= 0, t_chunk >= 0
+    s_seg, t_seg = s_chunk[s_ok], t_chunk[t_ok]
+    s_in = s_lp[s_ok]
+    l_t = _segment_sum(t_lp[t_ok], t_seg, n)[s_seg]  # L_T of each student token's chunk
+    l_s = _segment_sum(s_in, s_seg, n)[s_seg]
+    count = _segment_sum(s_in * 0 + 1, s_seg, n)[s_seg]
+    uniform = l_t / count
+    if rule == "uniform":
+        q_in = uniform
+    elif rule == "proportional":
+        small = abs(l_s) < PROPORTIONAL_EPS
+        ratio = l_t / where(small, 1.0, l_s)
+        q_in = where(small, uniform, ratio * s_in)
+    else:  # "last": the chunk's last student token absorbs the difference
+        is_last = s_seg[1:] != s_seg[:-1]
+        if torch_mode:
+            is_last = torch.cat([is_last, torch.ones(1, dtype=torch.bool, device=s_lp.device)])
+        else:
+            is_last = np.append(is_last, True)
+        q_in = where(is_last, l_t - (l_s - s_in), s_in)
+    if torch_mode:
+        out = torch.full_like(s_lp, nan)
+    else:
+        out = np.full(s_lp.shape, nan)
+    out[s_ok] = q_in
+    return out
