@@ -1,11 +1,12 @@
 """BASELINE: a decode-based chunk aligner following the paper's description.
 
 Two pointers walk the student and teacher ids; the pending span on each side is decoded with the
-tokenizer's own ``decode`` after every step and the two strings are compared. Equal strings close
-a chunk; otherwise the side whose decoded text is shorter advances (catch-up). Equal-length but
-different strings (typically a partial UTF-8 character decoded as U+FFFD on one side) cannot be
-matched and are given up as an "unalignable" chunk with no signal. This is what crossopd's byte
-view replaces; it is here only to be measured against.
+tokenizer's own ``decode`` after every step and the two strings are compared. Equal strings
+without a replacement character close a chunk; otherwise the side whose decoded text is shorter
+advances (catch-up; the student on a tie). Partial UTF-8 decodes to U+FFFD, so the catch-up can
+step past a common boundary and produce larger chunks than necessary; whatever is pending when
+one side runs out is "unalignable" and gets no signal. This is what crossopd's byte view
+replaces; it is here only to be measured against.
 """
 
 from __future__ import annotations
@@ -24,23 +25,17 @@ def decode_align(
     """Returns (chunks as (student positions, teacher positions), unalignable student tokens)."""
     s, t = list(student_ids), list(teacher_ids)
     chunks: list[tuple[list[int], list[int]]] = []
-    unalignable = 0
     i = j = 0
     i0 = j0 = 0
     while i < len(s) and j < len(t):
         s_text = student_decode(s[i0 : i + 1])
         t_text = teacher_decode(t[j0 : j + 1])
-        if s_text == t_text:
+        if s_text == t_text and "\ufffd" not in s_text:
             chunks.append((list(range(i0, i + 1)), list(range(j0, j + 1))))
             i, j = i + 1, j + 1
             i0, j0 = i, j
-        elif len(s_text) < len(t_text):
+        elif len(s_text) <= len(t_text):
             i += 1
-        elif len(s_text) > len(t_text):
+        else:
             j += 1
-        else:  # same length, different text: give the pending spans up
-            unalignable += i + 1 - i0
-            i, j = i + 1, j + 1
-            i0, j0 = i, j
-    unalignable += len(s) - i0
-    return chunks, unalignable
+    return chunks, len(s) - i0

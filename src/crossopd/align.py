@@ -30,8 +30,8 @@ class Alignment:
     """Chunk index per student and per teacher token (-1 = unaligned).
 
     Chunks are numbered 0..num_chunks-1 in text order; each chunk's tokens are contiguous on
-    both sides. Diagnostics (coverage, 1:1 share, unaligned counts) are computed on first use,
-    so the hot path pays only for the chunk indices.
+    both sides (byteless special tokens in between are -1). Diagnostics (coverage, 1:1 share,
+    unaligned counts) are computed on first use, so the hot path pays only for the indices.
     """
 
     student_chunk: np.ndarray
@@ -40,6 +40,8 @@ class Alignment:
     bytes_equal: bool
     student_lengths: np.ndarray = field(repr=False)
     teacher_lengths: np.ndarray = field(repr=False)
+    # every token of both sides is in a chunk (lets credit skip masking)
+    fully_aligned: bool = False
 
     @cached_property
     def counts(self) -> dict[str, int]:
@@ -102,26 +104,32 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 def _chunks_equal_bytes(
     s_off: np.ndarray, t_off: np.ndarray, s_len: np.ndarray, t_len: np.ndarray, total: int
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
     """DPCA when both sides spell the same ``total`` bytes.
 
     A token end is a sync point when the other side also has a token ending there. A token's
     chunk is the number of sync points strictly before its end, i.e. an exclusive cumsum.
-    Tokens without bytes (special tokens) have no place in the byte view: -1.
+    Tokens without bytes (special tokens) have no place in the byte view: -1. The last value
+    says whether every token got a chunk.
     """
     s_end, t_end = s_off[1:], t_off[1:]
     on_s = np.zeros(total + 1, dtype=bool)
     on_t = np.zeros(total + 1, dtype=bool)
     on_s[s_end] = True
     on_t[t_end] = True
-    # A byteless token repeats the previous end offset; only real ends may count.
-    s_sync = on_t[s_end] & (s_len > 0)
-    t_sync = on_s[t_end] & (t_len > 0)
-    s_chunk = np.cumsum(s_sync) - s_sync
-    t_chunk = np.cumsum(t_sync) - t_sync
-    s_chunk[s_len == 0] = UNALIGNED
-    t_chunk[t_len == 0] = UNALIGNED
-    return s_chunk, t_chunk, int(np.count_nonzero(s_sync))
+    s_sync, t_sync = on_t[s_end], on_s[t_end]
+    byteless = not (s_len.all() and t_len.all())
+    if byteless:  # a byteless token repeats the previous end offset; only real ends count
+        s_sync &= s_len > 0
+        t_sync &= t_len > 0
+    s_chunk = np.cumsum(s_sync)
+    s_chunk -= s_sync
+    t_chunk = np.cumsum(t_sync)
+    t_chunk -= t_sync
+    if byteless:
+        s_chunk[s_len == 0] = UNALIGNED
+        t_chunk[t_len == 0] = UNALIGNED
+    return s_chunk, t_chunk, int(np.count_nonzero(s_sync)), not byteless
 
 
 def _equal_blocks(bs: bytes, bt: bytes) -> np.ndarray:
@@ -174,6 +182,12 @@ def _chunks_diff(
     blocks: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """DPCA restricted to the equal blocks of a byte diff; everything else is unaligned."""
+    if blocks.shape[0] == 0:
+        return (
+            np.full(s_len.size, UNALIGNED, np.int64),
+            np.full(t_len.size, UNALIGNED, np.int64),
+            0,
+        )
     stride = int(max(s_off[-1], t_off[-1])) + 1
     s_in, s_k0, s_k1 = _block_keys(s_off, s_len, blocks[:, 0], blocks[:, 2], stride)
     t_in, t_k0, t_k1 = _block_keys(t_off, t_len, blocks[:, 1], blocks[:, 2], stride)
@@ -207,15 +221,17 @@ def align_lengths(
     teacher_bytes: bytes,
 ) -> Alignment:
     """DPCA from per-token byte lengths and the two concatenated byte strings."""
-    s_len = np.asarray(student_lengths, dtype=np.int64)
-    t_len = np.asarray(teacher_lengths, dtype=np.int64)
+    s_len, t_len = np.asarray(student_lengths), np.asarray(teacher_lengths)
     s_off, t_off = _offsets(s_len), _offsets(t_len)
     equal = student_bytes == teacher_bytes
     if equal:
-        s_chunk, t_chunk, n = _chunks_equal_bytes(s_off, t_off, s_len, t_len, len(student_bytes))
+        s_chunk, t_chunk, n, full = _chunks_equal_bytes(
+            s_off, t_off, s_len, t_len, len(student_bytes)
+        )
     else:
         blocks = _equal_blocks(student_bytes, teacher_bytes)
         s_chunk, t_chunk, n = _chunks_diff(s_off, t_off, s_len, t_len, blocks)
+        full = False
     return Alignment(
         student_chunk=s_chunk,
         teacher_chunk=t_chunk,
@@ -223,6 +239,7 @@ def align_lengths(
         bytes_equal=equal,
         student_lengths=s_len,
         teacher_lengths=t_len,
+        fully_aligned=full,
     )
 
 
@@ -238,11 +255,6 @@ def align(
     ``teacher_vocab.encode_bytes(student_vocab.concat_bytes(student_ids))``. Tokens without bytes
     (special tokens) are unaligned and counted in ``special_*_tokens``.
     """
-    s_ids = student_vocab.check_ids(student_ids, "student")
-    t_ids = teacher_vocab.check_ids(teacher_ids, "teacher")
-    return align_lengths(
-        student_vocab.lengths[s_ids],
-        teacher_vocab.lengths[t_ids],
-        student_vocab.concat_bytes(s_ids),
-        teacher_vocab.concat_bytes(t_ids),
-    )
+    s_len, s_bytes = student_vocab.spell(student_vocab.check_ids(student_ids, "student"))
+    t_len, t_bytes = teacher_vocab.spell(teacher_vocab.check_ids(teacher_ids, "teacher"))
+    return align_lengths(s_len, t_len, s_bytes, t_bytes)

@@ -1,4 +1,4 @@
-"""The ``crossopd`` command line. Every command has ``--help``; ``--json`` prints one JSON object."""
+"""The ``crossopd`` command line: every command has ``--help``; ``--json`` prints one object."""
 
 from __future__ import annotations
 
@@ -46,12 +46,15 @@ def cmd_align(args: argparse.Namespace) -> int:
             render_html(rows, stats, args.student, args.teacher), encoding="utf-8"
         )
     if args.json:
-        print(json.dumps(alignment_json(rows, stats, args.student, args.teacher),
-                         ensure_ascii=False))
+        print(
+            json.dumps(alignment_json(rows, stats, args.student, args.teacher), ensure_ascii=False)
+        )
     else:
         color = sys.stdout.isatty() and not args.no_color
-        print(f"student {args.student} ({sv.kind}, {sv.vocab_size} ids)  vs  "
-              f"teacher {args.teacher} ({tv.kind}, {tv.vocab_size} ids)")
+        print(
+            f"student {args.student} ({sv.kind}, {sv.vocab_size} ids)  vs  "
+            f"teacher {args.teacher} ({tv.kind}, {tv.vocab_size} ids)"
+        )
         print(render_terminal(rows, stats, color=color, max_rows=args.max_rows))
         if args.html:
             print(f"HTML view written to {args.html}")
@@ -60,8 +63,10 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which != "align":
-        print(f"crossopd bench {args.which}: not implemented yet (only 'align' exists so far)",
-              file=sys.stderr)
+        print(
+            f"crossopd bench {args.which}: not implemented yet (only 'align' exists so far)",
+            file=sys.stderr,
+        )
         return 2
     from crossopd.bench import bench_align
 
@@ -74,9 +79,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if base
                 else "  (baseline not found: run from a source checkout)"
             )
-            print(f"{row['pair']:<24} {row['tokens']:>6} tok  crossopd "
-                  f"{row['crossopd_tok_per_s'] / 1e6:8.2f} M tok/s  unaligned "
-                  f"{row['unaligned_share']:.3%}{extra}", flush=True)
+            print(
+                f"{row['pair']:<24} {row['tokens']:>6} tok  crossopd "
+                f"{row['crossopd_tok_per_s'] / 1e6:8.2f} M tok/s  unaligned "
+                f"{row['unaligned_share']:.3%}{extra}",
+                flush=True,
+            )
 
     result = bench_align(quick=args.quick, progress=progress)
     if args.json:
@@ -86,8 +94,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Until the training recipe lands, the demo is a real cross-family alignment."""
-    ns = argparse.Namespace(student="smollm2", teacher="gemma3-270m", text=DEMO_TEXT, file=None,
-                            json=args.json, html=args.html, no_color=False, max_rows=200)
+    ns = argparse.Namespace(
+        student="smollm2",
+        teacher="gemma3-270m",
+        text=DEMO_TEXT,
+        file=None,
+        json=args.json,
+        html=args.html,
+        no_color=False,
+        max_rows=200,
+    )
     return cmd_align(ns)
 
 
@@ -98,9 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("align", help="show the chunk alignment of one text under two tokenizers",
-                       description="Tokenize TEXT with the student, spell the same bytes with the "
-                       "teacher, and show the Dual-Pointer Chunk Alignment.")
+    a = sub.add_parser(
+        "align",
+        help="show the chunk alignment of one text under two tokenizers",
+        description="Tokenize TEXT with the student, spell the same bytes with the "
+        "teacher, and show the Dual-Pointer Chunk Alignment.",
+    )
     a.add_argument("--student", required=True, help="student " + _tokenizer_help())
     a.add_argument("--teacher", required=True, help="teacher " + _tokenizer_help())
     src = a.add_mutually_exclusive_group(required=True)
@@ -112,18 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-color", action="store_true", help="no ANSI colours")
     a.set_defaults(func=cmd_align)
 
-    b = sub.add_parser("bench", help="benchmarks (JSON with --json)",
-                       description="Run a benchmark. 'align': student tokens/s of align + credit "
-                       "vs the decode-based baseline on three real tokenizer pairs.")
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (JSON with --json)",
+        description="Run a benchmark. 'align': student tokens/s of align + credit "
+        "vs the decode-based baseline on three real tokenizer pairs.",
+    )
     b.add_argument("which", choices=["align", "learn", "step"])
     b.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="real cross-family example on the bundled models",
-                       description="Align a mixed-language response between SmolLM2-135M "
-                       "(student) and Gemma 3 270M (teacher). The training demo comes with "
-                       "the OPD recipe.")
+    d = sub.add_parser(
+        "demo",
+        help="real cross-family example on the bundled models",
+        description="Align a mixed-language response between SmolLM2-135M "
+        "(student) and Gemma 3 270M (teacher). The training demo comes with "
+        "the OPD recipe.",
+    )
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.add_argument("--html", metavar="OUT", help="also write an HTML view to OUT")
     d.set_defaults(func=cmd_demo)

@@ -32,6 +32,14 @@ def _segment_sum(values: Any, seg: Any, n: int) -> Any:
     return np.bincount(seg, weights=values, minlength=n)
 
 
+def _segment_count(seg: Any, n: int) -> Any:
+    if _is_torch(seg):
+        import torch
+
+        return torch.bincount(seg, minlength=n)
+    return np.bincount(seg, minlength=n)
+
+
 def assign_credit(
     alignment: Alignment,
     teacher_logps: Any,
@@ -71,13 +79,16 @@ def assign_credit(
             f"{t_chunk.shape[0]} teacher tokens"
         )
     n = alignment.num_chunks
-    s_ok, t_ok = s_chunk >= 0, t_chunk >= 0
-    s_seg, t_seg = s_chunk[s_ok], t_chunk[t_ok]
-    s_in = s_lp[s_ok]
-    l_t = _segment_sum(t_lp[t_ok], t_seg, n)[s_seg]  # L_T of each student token's chunk
+    if alignment.fully_aligned:  # the common case: no masks, no scatter back
+        s_seg, t_seg, s_in, t_in = s_chunk, t_chunk, s_lp, t_lp
+    else:
+        s_ok, t_ok = s_chunk >= 0, t_chunk >= 0
+        s_seg, t_seg, s_in, t_in = s_chunk[s_ok], t_chunk[t_ok], s_lp[s_ok], t_lp[t_ok]
+    l_t = _segment_sum(t_in, t_seg, n)[s_seg]  # L_T of each student token's chunk
     l_s = _segment_sum(s_in, s_seg, n)[s_seg]
-    count = _segment_sum(s_in * 0 + 1, s_seg, n)[s_seg]
-    uniform = l_t / count
+    if rule == "uniform" or rule == "proportional":
+        count = _segment_count(s_seg, n)[s_seg]
+        uniform = l_t / count
     if rule == "uniform":
         q_in = uniform
     elif rule == "proportional":
@@ -91,9 +102,8 @@ def assign_credit(
         else:
             is_last = np.append(is_last, True)
         q_in = where(is_last, l_t - (l_s - s_in), s_in)
-    if torch_mode:
-        out = torch.full_like(s_lp, nan)
-    else:
-        out = np.full(s_lp.shape, nan)
+    if alignment.fully_aligned:
+        return q_in
+    out = torch.full_like(s_lp, nan) if torch_mode else np.full(s_lp.shape, nan)
     out[s_ok] = q_in
     return out

@@ -51,7 +51,7 @@ def load_byte_vocab(src: Any) -> ByteVocab:
             if "model" in doc:
                 return from_tokenizers_json(path, name=name)
             raise UnsupportedTokenizerError(
-                f"{path} is JSON but neither a tokenizers 'tokenizer.json' nor a Mistral Tekken file"
+                f"{path} is JSON but neither a tokenizers 'tokenizer.json' nor a Tekken file"
             )
         head = path.read_bytes()[:64]
         if _looks_like_tiktoken(head):
@@ -180,7 +180,7 @@ def from_tiktoken_file(path: Path, name: str = "") -> ByteVocab:
 
 
 def from_tekken(doc: dict, name: str = "") -> ByteVocab:
-    """Mistral Tekken: ids below ``num_special`` are control tokens, rank r has id r + num_special."""
+    """Mistral Tekken: ids below num_special are control tokens; rank r is id r + num_special."""
     import base64
 
     import tiktoken

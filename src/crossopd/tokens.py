@@ -143,7 +143,8 @@ class ByteVocab:
 
     def check_ids(self, ids: Any, side: str = "token") -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+        # one reduction: negative ids become huge when read as unsigned
+        if arr.size and arr.view(np.uint64).max() >= self.vocab_size:
             bad = arr[(arr < 0) | (arr >= self.vocab_size)][:5].tolist()
             raise ValueError(
                 f"{side} ids {bad} are outside the vocabulary of {self.name or self.kind} "
@@ -159,24 +160,28 @@ class ByteVocab:
 
     def concat_bytes(self, ids: Any) -> bytes:
         """The byte string the ids spell, gathered from the flat table in one vectorised pass."""
-        arr = np.asarray(ids, dtype=np.int64)
-        lens = self._len32[arr]
-        keep = lens > 0
-        if not keep.all():
-            arr, lens = arr[keep], lens[keep]
+        return self.spell(np.asarray(ids, dtype=np.int64))[1]
+
+    def spell(self, ids: np.ndarray) -> tuple[np.ndarray, bytes]:
+        """(byte length per id, concatenated bytes) for an int array of valid ids."""
+        lens = self._len32[ids]
+        arr, kept = ids, lens
+        if not lens.all():  # byteless special tokens contribute nothing
+            keep = lens > 0
+            arr, kept = ids[keep], lens[keep]
         if arr.size == 0:
-            return b""
+            return lens, b""
         # Source index of every output byte: +1 inside a token, a jump at each token start.
         starts = self._start32[arr]
-        ends = np.cumsum(lens)
+        ends = np.cumsum(kept)
         steps = np.ones(int(ends[-1]), dtype=np.int32)
         steps[0] = starts[0]
         jump = starts[1:] - starts[:-1]
-        jump -= lens[:-1]
+        jump -= kept[:-1]
         jump += 1
         steps[ends[:-1]] = jump
         np.cumsum(steps, out=steps)
-        return self._flat.take(steps).tobytes()
+        return lens, self._flat.take(steps).tobytes()
 
     def decode(self, ids: Any) -> str:
         """The tokenizer's own decode (used only by diagnostics, tests and the baseline)."""

@@ -53,14 +53,25 @@ def chunk_rows(
         s0, s1 = s_bounds[c]
         t0, t1 = t_bounds[c]
         if si < s0 or ti < t0:  # unaligned stretch before this chunk
-            rows.append(ChunkRow(-1, s_ids[si:s0].tolist(), t_ids[ti:t0].tolist(),
-                                 s_pieces[si:s0], t_pieces[ti:t0]))
-        rows.append(ChunkRow(c, s_ids[s0:s1].tolist(), t_ids[t0:t1].tolist(),
-                             s_pieces[s0:s1], t_pieces[t0:t1]))
+            rows.append(
+                ChunkRow(
+                    -1,
+                    s_ids[si:s0].tolist(),
+                    t_ids[ti:t0].tolist(),
+                    s_pieces[si:s0],
+                    t_pieces[ti:t0],
+                )
+            )
+        rows.append(
+            ChunkRow(
+                c, s_ids[s0:s1].tolist(), t_ids[t0:t1].tolist(), s_pieces[s0:s1], t_pieces[t0:t1]
+            )
+        )
         si, ti = s1, t1
     if si < len(s_ids) or ti < len(t_ids):
-        rows.append(ChunkRow(-1, s_ids[si:].tolist(), t_ids[ti:].tolist(),
-                             s_pieces[si:], t_pieces[ti:]))
+        rows.append(
+            ChunkRow(-1, s_ids[si:].tolist(), t_ids[ti:].tolist(), s_pieces[si:], t_pieces[ti:])
+        )
     return rows
 
 
@@ -76,8 +87,12 @@ def _run_bounds(chunk: np.ndarray) -> dict[int, tuple[int, int]]:
 
 
 def _pieces(pieces: list[bytes]) -> str:
-    return " ".join("[" + show_bytes(p).replace("\n", "\\n").replace("\t", "\\t")
-                    .replace("\r", "\\r") + "]" if p else "[<special>]" for p in pieces)
+    return " ".join(
+        "[" + show_bytes(p).replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") + "]"
+        if p
+        else "[<special>]"
+        for p in pieces
+    )
 
 
 def render_terminal(rows: list[ChunkRow], stats: dict, color: bool, max_rows: int = 200) -> str:
@@ -92,8 +107,10 @@ def render_terminal(rows: list[ChunkRow], stats: dict, color: bool, max_rows: in
     for row in rows[:max_rows]:
         tint = {"1:1": dim, "m:n": yellow, "unaligned": red}[row.kind]
         label = "-" if row.index < 0 else str(row.index)
-        out.append(f"{tint}{label:>6}  {row.kind:<9}  {_pieces(row.student_pieces)}  ||  "
-                   f"{_pieces(row.teacher_pieces)}{reset}")
+        out.append(
+            f"{tint}{label:>6}  {row.kind:<9}  {_pieces(row.student_pieces)}  ||  "
+            f"{_pieces(row.teacher_pieces)}{reset}"
+        )
     if len(rows) > max_rows:
         out.append(f"... {len(rows) - max_rows} more rows (use --max-rows or --html for all)")
     return "\n".join(out)
@@ -104,15 +121,17 @@ def render_html(rows: list[ChunkRow], stats: dict, student: str, teacher: str) -
     for row in rows:
         cls = {"1:1": "one", "m:n": "many", "unaligned": "un"}[row.kind]
         tip = f"student: {_pieces(row.student_pieces)}\nteacher: {_pieces(row.teacher_pieces)}"
-        spans.append(f'<span class="{cls}" title="{html.escape(tip)}">'
-                     f"{html.escape(row.text)}</span>")
+        spans.append(
+            f'<span class="{cls}" title="{html.escape(tip)}">{html.escape(row.text)}</span>'
+        )
         table.append(
             f'<tr class="{cls}"><td>{"-" if row.index < 0 else row.index}</td><td>{row.kind}</td>'
             f"<td>{html.escape(_pieces(row.student_pieces))}</td>"
             f"<td>{html.escape(_pieces(row.teacher_pieces))}</td></tr>"
         )
-    summary = ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
-                        for k, v in stats.items())
+    summary = ", ".join(
+        f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>crossopd alignment</title>
 <style>

@@ -1,0 +1,98 @@
+"""The command line, run in-process (real tokenizers) and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from crossopd import bench
+from crossopd.cli import main
+
+
+def test_align_json_on_real_cross_family_pair(capsys, get_vocab):
+    text = "12345 × 678 = 8369910 你好 👩\u200d💻"
+    assert (
+        main(
+            ["align", "--student", "smollm2", "--teacher", "gemma3-270m", "--text", text, "--json"]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["coverage"] == 1.0 and out["bytes_equal"] is True
+    assert "".join(c["text"] for c in out["chunks"]) == text
+    assert out["num_chunks"] == sum(1 for c in out["chunks"] if c["index"] >= 0)
+    kinds = {c["kind"] for c in out["chunks"]}
+    assert {"1:1", "m:n"} <= kinds  # digits/words 1:1, byte-split CJK and emoji m:n
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    for c in out["chunks"]:
+        assert sv.concat_bytes(c["student_ids"]) == tv.concat_bytes(c["teacher_ids"])
+        assert sv.concat_bytes(c["student_ids"]) == c["text"].encode()
+
+
+def test_align_terminal_and_html(tmp_path, capsys):
+    page = tmp_path / "view.html"
+    f = tmp_path / "resp.bin"
+    f.write_bytes(b"ok \xff\xfe then text")  # invalid UTF-8 from a file
+    assert (
+        main(
+            [
+                "align",
+                "--student",
+                "llama3",
+                "--teacher",
+                "mistral-v3",
+                "--file",
+                str(f),
+                "--html",
+                str(page),
+                "--no-color",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "coverage 1.0000" in out and "||" in out
+    html = page.read_text()
+    assert "<table>" in html and "\\xff" in html
+
+
+def test_align_bad_tokenizer_gives_clear_error(capsys):
+    assert main(["align", "--student", "./missing", "--teacher", "llama3", "--text", "x"]) == 2
+    assert "no tokenizer at" in capsys.readouterr().err
+
+
+def test_help_runs_as_a_real_process():
+    for args in (["--help"], ["align", "--help"], ["bench", "--help"], ["demo", "--help"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "crossopd.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_bench_align_shape_small():
+    """The benchmark pipeline at a tiny size (asserts the shape, not the speed)."""
+    res = bench.bench_align(pairs=(("llama3", "mistral-v3"),), sizes=(64,), quick=True)
+    (row,) = res["results"]
+    assert set(row) >= {"pair", "tokens", "crossopd_tok_per_s", "baseline_tok_per_s", "speedup"}
+    assert row["pair"] == "llama3->mistral-v3" and row["tokens"] == 64
+    assert row["crossopd_tok_per_s"] > 0 and row["coverage"] == 1.0
+    assert row["baseline_tok_per_s"] > 0 and row["speedup"] > 0  # source checkout: baseline found
+
+
+def test_bench_unknown_target_is_explicit(capsys):
+    assert main(["bench", "learn"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_sample_response_has_exact_length(n):
+    from crossopd.tokens import ByteVocab
+
+    v = ByteVocab.from_pretrained("cl100k")
+    assert bench.sample_response(v, n).size == n

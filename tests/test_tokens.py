@@ -1,0 +1,215 @@
+"""ByteVocab on real tokenizers: exact bytes per id, encode_bytes, errors for unsupported kinds."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crossopd import ByteVocab, UnsupportedTokenizerError
+from crossopd.tokens import in_context_encoder_json
+
+from conftest import REAL
+from reference import decoded_bytes
+from strategies import texts
+
+
+def spellable(v: ByteVocab, data: bytes) -> bytes:
+    """What the vocabulary can spell of ``data``: all of it, except bytes that a byte-level
+    vocabulary has no token for (SmolLM2 lacks 0xF1, for one)."""
+    if v.unk_id is not None or (v.byte_ids >= 0).all():
+        return data
+    return bytes(b for b in data if v.byte_ids[b] >= 0)
+
+
+BYTE_CAPABLE = ("gemma3-270m", "llama3", "mistral-v3", "cl100k", "tekken", "mistral-v1")
+
+
+@pytest.mark.parametrize("name", REAL)
+@given(text=texts())
+def test_token_bytes_match_decode(get_vocab, name, text):
+    v = get_vocab(name)
+    ids = v.encode_bytes(text.encode("utf-8"))
+    joined = b"".join(v.token_bytes(ids))
+    assert joined == v.concat_bytes(ids) == spellable(v, text.encode("utf-8"))
+    dec = decoded_bytes(v, ids)
+    if dec is not None:
+        assert joined == dec
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_every_id_round_trips_through_decode(get_vocab, name):
+    """Single tokens that decode cleanly decode to exactly their table bytes."""
+    v = get_vocab(name)
+    rng = np.random.default_rng(0)
+    ids = rng.choice(v.vocab_size, size=min(3000, v.vocab_size), replace=False)
+    checked = 0
+    for i in ids.tolist():
+        if v.special[i]:
+            assert v.token_bytes([i]) == [b""]
+            continue
+        dec = decoded_bytes(v, [i])
+        if dec is not None:
+            assert v.token_bytes([i])[0] == dec, (i, v.token_bytes([i]), dec)
+            checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("name", BYTE_CAPABLE)
+@given(data=st.binary(max_size=64))
+def test_encode_bytes_spells_any_bytes(get_vocab, name, data):
+    v = get_vocab(name)
+    assert v.concat_bytes(v.encode_bytes(data)) == data
+
+
+def test_byte_level_vocab_without_some_bytes_leaves_them_out(get_vocab):
+    """SmolLM2 has no token for 0xFF (never valid UTF-8): the byte cannot be spelled."""
+    v = get_vocab("smollm2")
+    assert v.byte_ids[0xFF] == -1
+    assert v.concat_bytes(v.encode_bytes(b"a\xffb")) == b"ab"
+
+
+@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3"])
+def test_no_dummy_prefix_mid_context(get_vocab, name):
+    v = get_vocab(name)
+    assert v.dummy_prefix
+    ids = v.encode_bytes(b"Hello world")
+    assert v.token_bytes(ids)[0] == b"Hello"
+    assert v.concat_bytes(v.encode_bytes(b" Hello")) == b" Hello"
+
+
+@pytest.mark.parametrize(
+    "name,marker",
+    [
+        ("smollm2", "<|im_end|>"),
+        ("gemma3-270m", "<end_of_turn>"),
+        ("llama3", "<|eot_id|>"),
+        ("cl100k", "<|endoftext|>"),
+    ],
+)
+def test_special_token_text_stays_text(get_vocab, name, marker):
+    v = get_vocab(name)
+    ids = v.encode_bytes(f"say {marker} now".encode())
+    assert not v.special[ids].any()
+    assert v.concat_bytes(ids) == f"say {marker} now".encode()
+
+
+def test_special_tokens_have_no_bytes(get_vocab):
+    v = get_vocab("smollm2")
+    im_end = v.backend.token_to_id("<|im_end|>")
+    assert v.special[im_end] and v.token_bytes([im_end]) == [b""]
+
+
+def test_ids_outside_vocabulary_are_rejected(get_vocab):
+    v = get_vocab("smollm2")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        v.check_ids([1, v.vocab_size], "student")
+
+
+# ---------------------------------------------------------------- tokenizers built in the test
+def _train(
+    model, pre, decoder, normalizer=None, corpus=None, special=("<s>", "</s>"), alphabet=None
+):
+    from tokenizers import Tokenizer, trainers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre
+    tok.decoder = decoder
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    corpus = corpus or ["hello world, the quick brown fox 123 456", "jumps over the lazy dog"] * 20
+    if type(model).__name__ == "BPE":
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=list(special), initial_alphabet=alphabet or []
+        )
+    elif type(model).__name__ == "WordPiece":
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"])
+    else:
+        trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=list(special))
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def test_wordpiece_is_rejected_with_a_clear_error():
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok = _train(
+        models.WordPiece(unk_token="[UNK]"), pre_tokenizers.Whitespace(), decoders.WordPiece()
+    )
+    with pytest.raises(UnsupportedTokenizerError, match="WordPiece"):
+        ByteVocab.from_pretrained(tok)
+
+
+def test_metaspace_with_dummy_prefix_built_in_test():
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok = _train(
+        models.BPE(byte_fallback=True, unk_token="<unk>"),
+        pre_tokenizers.Metaspace(prepend_scheme="first"),
+        decoders.Metaspace(prepend_scheme="first"),
+        special=("<unk>", "<s>"),
+    )
+    # byte fallback needs the <0xNN> pieces in the vocabulary
+    tok.add_tokens([f"<0x{b:02X}>" for b in range(256)])
+    v = ByteVocab.from_pretrained(tok)
+    assert v.kind == "metaspace" and v.dummy_prefix
+    ids = v.encode_bytes(b"hello world")
+    assert v.concat_bytes(ids) == b"hello world"  # no leading space mid-context
+    assert tok.encode("hello world").tokens[0].startswith("▁")  # the tokenizer itself adds one
+
+
+def test_byte_level_bpe_built_in_test_round_trips():
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok = _train(
+        models.BPE(),
+        pre_tokenizers.ByteLevel(add_prefix_space=True),
+        decoders.ByteLevel(),
+        alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    v = ByteVocab.from_pretrained(tok)
+    assert v.kind == "byte_level"
+    rnd = random.Random(0)
+    for _ in range(50):
+        data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(30)))
+        assert v.concat_bytes(v.encode_bytes(data)) == data
+
+
+def test_in_context_encoder_json_drops_prefix_and_post_processor():
+    doc = {
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        },
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"},
+        "post_processor": {"type": "TemplateProcessing"},
+        "model": {"type": "BPE", "vocab": {}},
+    }
+    out = in_context_encoder_json(doc)
+    assert [n["type"] for n in out["normalizer"]["normalizers"]] == ["Replace"]
+    assert out["pre_tokenizer"]["prepend_scheme"] == "never"
+    assert out["post_processor"] is None
+    assert doc["pre_tokenizer"]["prepend_scheme"] == "always"  # input untouched
+
+
+def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
+    from crossopd import loaders, models
+
+    path = models.smollm2_gguf()
+    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path))
+    first = loaders.gguf_tokenizer_dir(path)
+    mtime = (first / "tokenizer.json").stat().st_mtime_ns
+    assert loaders.gguf_tokenizer_dir(path) == first
+    assert (first / "tokenizer.json").stat().st_mtime_ns == mtime
+    assert not [p for p in first.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_unknown_source_error_names_the_options():
+    with pytest.raises(FileNotFoundError, match="bundled name"):
+        ByteVocab.from_pretrained("./no/such/tokenizer")
