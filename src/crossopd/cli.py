@@ -74,7 +74,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.json:
             base = row["baseline_tok_per_s"]
             extra = (
-                f"  baseline {base / 1e6:8.3f} M tok/s  speedup {row['speedup']:8.0f}x  "
+                f"  baseline {base / 1e6:8.3f} M tok/s  speedup {row['speedup']:6.0f}x "
+                f"(median {row['speedup_median']:.0f}x)  "
                 f"baseline unaligned {row['baseline_unaligned_share']:.3%}"
                 if base
                 else "  (baseline not found: run from a source checkout)"
