@@ -91,3 +91,21 @@ def test_bad_rule_and_shapes_are_rejected():
         assign_credit(a, np.zeros(1), np.zeros(2))
     with pytest.raises(ValueError, match="teacher tokens"):
         assign_credit(a, np.zeros(3), np.zeros(1))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@given(case=alignments())
+def test_native_credit_equals_numpy_path(rule, case):
+    a, s_lp, t_lp = case
+    fast = assign_credit(a, t_lp, s_lp, rule=rule)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CROSSOPD_NATIVE", "0")
+        slow = assign_credit(a, t_lp, s_lp, rule=rule)
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_fully_aligned_cases_take_the_native_path():
+    from crossopd.align import native_available
+
+    a = align_lengths(np.array([2, 1]), np.array([1, 2]), b"abc", b"abc")
+    assert a.fully_aligned and native_available()

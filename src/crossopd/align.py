@@ -13,6 +13,7 @@ unaligned (chunk index -1).
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
     from crossopd.tokens import ByteVocab
 
 UNALIGNED = -1
+
+try:  # the compiled fast path for equal bytes (src/crossopd/_dpca.c); numpy below is the reference
+    from crossopd import _dpca
+except ImportError:  # pragma: no cover - only without a C compiler at install time
+    _dpca = None
+
+
+def native_available() -> bool:
+    return _dpca is not None and os.environ.get("CROSSOPD_NATIVE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,35 @@ def align(
     ``teacher_vocab.encode_bytes(student_vocab.concat_bytes(student_ids))``. Tokens without bytes
     (special tokens) are unaligned and counted in ``special_*_tokens``.
     """
-    s_len, s_bytes = student_vocab.spell(student_vocab.check_ids(student_ids, "student"))
-    t_len, t_bytes = teacher_vocab.spell(teacher_vocab.check_ids(teacher_ids, "teacher"))
+    s_ids = np.ascontiguousarray(student_ids, dtype=np.int64).reshape(-1)
+    t_ids = np.ascontiguousarray(teacher_ids, dtype=np.int64).reshape(-1)
+    if native_available():
+        s_chunk = np.empty(s_ids.size, dtype=np.int64)
+        t_chunk = np.empty(t_ids.size, dtype=np.int64)
+        sv, tv = student_vocab, teacher_vocab
+        status, n = _dpca.align_equal(
+            s_ids,
+            t_ids,
+            sv._flat,
+            sv._start,
+            sv._len32,
+            tv._flat,
+            tv._start,
+            tv._len32,
+            s_chunk,
+            t_chunk,
+        )
+        if status == 1:
+            s_len, t_len = sv._len32[s_ids], tv._len32[t_ids]
+            return Alignment(
+                student_chunk=s_chunk,
+                teacher_chunk=t_chunk,
+                num_chunks=n,
+                bytes_equal=True,
+                student_lengths=s_len,
+                teacher_lengths=t_len,
+                fully_aligned=bool(s_len.all() and t_len.all()),
+            )
+    s_len, s_bytes = student_vocab.spell(student_vocab.check_ids(s_ids, "student"))
+    t_len, t_bytes = teacher_vocab.spell(teacher_vocab.check_ids(t_ids, "teacher"))
     return align_lengths(s_len, t_len, s_bytes, t_bytes)

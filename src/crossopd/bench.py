@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import platform
 import random
-import statistics
 import time
 from pathlib import Path
 from typing import Any

@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crossopd.align import Alignment
+from crossopd.align import Alignment, _dpca, native_available
 
 Rule = Literal["proportional", "uniform", "last"]
-RULES: tuple[str, ...] = ("proportional", "uniform", "last")
+RULES: tuple[str, ...] = ("proportional", "uniform", "last")  # order = native rule code
 PROPORTIONAL_EPS = 1e-8
 
 
@@ -79,7 +79,18 @@ def assign_credit(
             f"{t_chunk.shape[0]} teacher tokens"
         )
     n = alignment.num_chunks
-    if alignment.fully_aligned:  # the common case: no masks, no scatter back
+    if alignment.fully_aligned and not torch_mode and native_available():
+        out = np.empty(s_lp.shape, dtype=np.float64)
+        _dpca.credit_full(
+            s_chunk,
+            t_chunk,
+            np.ascontiguousarray(s_lp),
+            np.ascontiguousarray(t_lp),
+            RULES.index(rule),
+            out,
+        )
+        return out
+    if alignment.fully_aligned:  # no masks, no scatter back
         s_seg, t_seg, s_in, t_in = s_chunk, t_chunk, s_lp, t_lp
     else:
         s_ok, t_ok = s_chunk >= 0, t_chunk >= 0

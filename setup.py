@@ -1,0 +1,14 @@
+"""Build the optional native DPCA fast path; without a C compiler crossopd uses numpy only."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "crossopd._dpca",
+            ["src/crossopd/_dpca.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        )
+    ]
+)
