@@ -20,6 +20,9 @@ from crossopd.tokens import ByteVocab
 
 Message = dict[str, str]
 SENTINEL = "\u2063crossopd-sentinel-7f3a\u2063"
+# For base-model teachers without a chat template (Gemma 3 270M base, say).
+DEFAULT_PLAIN_TEMPLATE = "Question: {prompt}\nAnswer:"
+DEFAULT_PLAIN_STOP = "\n\nQuestion:"
 
 
 class TemplateError(ValueError):

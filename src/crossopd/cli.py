@@ -108,6 +108,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_align(ns)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from crossopd.doctor import render_report, run_doctor
+
+    report = run_doctor(args.student, args.teacher, args.teacher_template, args.teacher_stop)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(render_report(report, args.student, args.teacher))
+    return 0
+
+
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from crossopd.teachers.server import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device,
+          max_batch_tokens=args.max_batch_tokens, name=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossopd",
@@ -153,6 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.add_argument("--html", metavar="OUT", help="also write an HTML view to OUT")
     d.set_defaults(func=cmd_demo)
+    doc = sub.add_parser("doctor", help="check a student/teacher pair before training",
+                         description="Tokenizer kinds, byte-view round trips, alignment coverage "
+                         "on sample texts, both rendered prompts, both stop markers, warnings.")
+    doc.add_argument("--student", required=True, help="student " + _tokenizer_help())
+    doc.add_argument("--teacher", required=True, help="teacher " + _tokenizer_help())
+    doc.add_argument("--teacher-template", help="plain prompt template for a teacher without a "
+                     "chat template, e.g. 'Question: {prompt}\\nAnswer:'")
+    doc.add_argument("--teacher-stop", help="what ends the teacher's answer (with a plain "
+                     "template), e.g. '\\n\\nQuestion:'")
+    doc.add_argument("--json", action="store_true", help="print one JSON object")
+    doc.set_defaults(func=cmd_doctor)
+
+    st = sub.add_parser("serve-teacher", help="serve a teacher over HTTP (vLLM-compatible subset)",
+                        description="Serve POST /v1/completions with prompt_logprobs for token-id "
+                        "prompts, scoring with an in-process Hugging Face model. Point "
+                        "HTTPTeacher (or the training config) at http://HOST:PORT.")
+    st.add_argument("--model", required=True, help="HF model dir, hub id, .gguf file or bundled "
+                    "name (smollm2, gemma3-270m)")
+    st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--host", default="127.0.0.1")
+    st.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    st.add_argument("--max-batch-tokens", type=int, default=8192)
+    st.add_argument("--name", default=None, help="served model name (default: --model)")
+    st.set_defaults(func=cmd_serve_teacher)
     return p
 
 

@@ -1,0 +1,210 @@
+"""Teacher scoring: in-process HF (exact vs a naive log-softmax, bounded memory on Gemma), the
+real HTTP server, and real network faults."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossopd.teachers import TeacherError
+from crossopd.teachers.hf import HFTeacher
+from crossopd.teachers.http import HTTPTeacher
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def smol_teacher():
+    return HFTeacher.from_pretrained("smollm2", device="cpu", logits_budget_bytes=2**20)
+
+
+def _naive(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+
+
+def test_chunked_scoring_equals_naive_log_softmax(smol_teacher):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 49152, size=n).tolist() for n in (12, 40, 7)]
+    spans = [(1, 12), (10, 40), (3, 6)]
+    got = smol_teacher.score(seqs, spans)
+    # the same right-padded batch, scored the naive way: full [batch, length, vocab] log-softmax
+    ids = torch.zeros(3, 40, dtype=torch.long)
+    mask = torch.zeros(3, 40, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    lp = _naive(smol_teacher.model, ids, mask)
+    for r, (s, (a, b)) in enumerate(zip(seqs, spans)):
+        ref = lp[r, torch.arange(a - 1, b - 1), torch.tensor(s[a:b])].double().numpy()
+        assert got[r].shape == (b - a,)
+        # 1e-5 plus float32 rounding of log-probs around -20 (one ulp there is ~2e-6)
+        np.testing.assert_allclose(got[r], ref, atol=1e-5, rtol=1e-6)
+
+
+def test_batching_does_not_change_scores(smol_teacher):
+    seqs = [[1, 9, 8, 7, 6, 5, 4], [1, 22, 33], list(range(100, 160))]
+    spans = [(1, 7), (1, 3), (20, 60)]
+    batched = smol_teacher.score(seqs, spans)
+    alone = [smol_teacher.score([s], [sp])[0] for s, sp in zip(seqs, spans)]
+    for x, y in zip(batched, alone):
+        np.testing.assert_allclose(x, y, atol=5e-4)
+
+
+def test_bad_spans_are_rejected(smol_teacher):
+    with pytest.raises(ValueError, match="position 0 has no context"):
+        smol_teacher.score([[1, 2, 3]], [(0, 2)])
+
+
+def _vm_hwm_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def test_gemma_scoring_memory_is_bounded():
+    """1024 scored positions on a 262k vocabulary: a naive log-softmax needs ~1 GiB for the
+    logits alone (twice with the log-softmax); the chunked head stays far below."""
+    teacher = HFTeacher.from_pretrained("gemma3-270m", device="cpu",
+                                        logits_budget_bytes=32 * 2**20)
+    seq = np.random.default_rng(1).integers(10, 200_000, size=1025).tolist()
+    teacher.score([seq[:20]], [(1, 20)])  # warm-up allocations
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
+    base = _vm_hwm_kib()
+    out = teacher.score([seq], [(1, 1025)])[0]
+    peak_mib = (_vm_hwm_kib() - base) / 1024
+    naive_mib = 1024 * 262144 * 4 / 2**20
+    print(f"peak RSS growth {peak_mib:.0f} MiB (naive logits alone: {naive_mib:.0f} MiB)")
+    assert np.isfinite(out).all() and (out <= 0).all()
+    assert peak_mib < 400, peak_mib
+    # and the values are right: compare the first positions with the naive computation
+    with torch.inference_mode():
+        lp = teacher.model(torch.tensor([seq[:33]])).logits.float().log_softmax(-1)[0]
+    ref = lp[torch.arange(0, 32), torch.tensor(seq[1:33])].double().numpy()
+    np.testing.assert_allclose(out[:32], ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ HTTP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, deadline_s: float) -> None:
+    end = time.time() + deadline_s
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server at {url} not ready after {deadline_s}s")
+
+
+@pytest.fixture(scope="session")
+def teacher_server():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", "smollm2",
+         "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health", 180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_http_scores_equal_in_process(teacher_server, smol_teacher):
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, 49152, size=n).tolist() for n in (5, 30, 17, 64)]
+    spans = [(1, 5), (4, 30), (16, 17), (1, 64)]
+    client = HTTPTeacher(teacher_server, model="smollm2", timeout=60)
+    remote = client.score(seqs, spans)
+    # the server scores every prompt position of one request; do the same here, then slice
+    local = [smol_teacher.score([s], [(1, len(s))])[0][a - 1 : b - 1]
+             for s, (a, b) in zip(seqs, spans)]
+    for r, loc in zip(remote, local):
+        np.testing.assert_allclose(r, loc, atol=1e-5, rtol=1e-6)
+
+
+def test_http_client_errors_are_not_retried(teacher_server):
+    client = HTTPTeacher(teacher_server, model="not-this-model", retries=3, backoff=5)
+    t0 = time.time()
+    with pytest.raises(TeacherError, match="HTTP 404"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert time.time() - t0 < 5  # no backoff sleeps for a 4xx
+
+
+@pytest.fixture()
+def fault_server():
+    procs = []
+
+    def start(mode: str) -> tuple[str, subprocess.Popen]:
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), mode, str(port)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        procs.append(proc)
+        return f"http://127.0.0.1:{port}", proc
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("http500", "HTTP 500"),
+    ("malformed", "malformed JSON"),
+    ("short", "prompt_logprobs for a 4-token prompt"),
+    ("slow", "(timed out|TimeoutError)"),
+])
+def test_http_faults_end_in_clear_error(fault_server, mode, message):
+    url, _ = fault_server(mode)
+    client = HTTPTeacher(url, timeout=0.5, retries=2, backoff=0.05)
+    t0 = time.time()
+    with pytest.raises(TeacherError, match=f"after 3 attempts; last error: .*{message}"):
+        client.score([[1, 2, 3, 4]], [(1, 4)])
+    assert time.time() - t0 < 10
+
+
+def test_connection_refused(fault_server):
+    client = HTTPTeacher(f"http://127.0.0.1:{_free_port()}", timeout=1, retries=2, backoff=0.05)
+    with pytest.raises(TeacherError, match="after 3 attempts.*(refused|URLError)"):
+        client.score([[1, 2]], [(1, 2)])
+
+
+def test_server_killed_mid_request(fault_server):
+    url, proc = fault_server("slow")
+    client = HTTPTeacher(url, timeout=20, retries=2, backoff=0.05)
+    import threading
+
+    threading.Timer(0.5, proc.kill).start()
+    t0 = time.time()
+    with pytest.raises(TeacherError, match="after 3 attempts"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert time.time() - t0 < 10  # the kill is noticed; no waiting for the 20 s timeout
+
+
+def test_load_balancing_survives_a_dead_url(fault_server):
+    good, _ = fault_server("ok")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    client = HTTPTeacher([dead, good], timeout=2, retries=2, backoff=0.01)
+    out = client.score([[1, 2, 3, 4]] * 6, [(1, 4)] * 6)
+    assert all(np.array_equal(o, [-1.0, -1.0, -1.0]) for o in out)
