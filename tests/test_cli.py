@@ -96,3 +96,29 @@ def test_sample_response_has_exact_length(n):
 
     v = ByteVocab.from_pretrained("cl100k")
     assert bench.sample_response(v, n).size == n
+
+
+def test_doctor_json_contract(capsys):
+    assert main(["doctor", "--student", "smollm2", "--teacher", "gemma3-270m", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for side in ("student", "teacher"):
+        assert {"kind", "vocab_size", "end_of_turn"} <= set(r[side])
+    assert r["student"]["kind"] == "byte_level" and r["student"]["vocab_size"] == 49152
+    assert r["teacher"]["kind"] == "metaspace" and r["teacher"]["vocab_size"] == 262144
+    assert r["student"]["end_of_turn"] == "<|im_end|>"
+    assert r["samples"] and all({"text", "coverage", "one_to_one_share"} <= set(s)
+                                for s in r["samples"])
+    assert all(s["coverage"] == 1.0 for s in r["samples"])
+    assert "<|im_start|>assistant" in r["student_prompt"]
+    assert "<|im_start|>" not in r["teacher_prompt"] and "Question:" in r["teacher_prompt"]
+    assert any("no chat template" in w for w in r["warnings"])  # Gemma 3 270M is a base model
+    assert any("no token for 21 byte values" in w for w in r["warnings"])  # SmolLM2's vocab
+
+
+def test_doctor_terminal_report_with_explicit_plain_template(capsys):
+    assert main(["doctor", "--student", "smollm2", "--teacher", "gemma3-270m",
+                 "--teacher-template", "Q: {prompt}\nA:", "--teacher-stop", "\n\nQ:"]) == 0
+    out = capsys.readouterr().out
+    assert "end of turn '<|im_end|>'" in out and "end of turn '\\n\\nQ:'" in out
+    assert "Q: What is 12 × 7?\\nA:'" in out
+    assert "teacher has no chat template" not in out

@@ -216,9 +216,11 @@ def build_teacher_request(
     tv: ByteVocab,
     context: TeacherContext | None = None,
     reference: str | None = None,
+    max_length: int | None = None,
 ) -> TeacherRequest:
     """Teacher ids = teacher's own prompt + the response bytes + its end-of-turn marker (only
-    when the student ended its turn). Never re-tokenizes the student's ids."""
+    when the student ended its turn). Never re-tokenizes the student's ids. ``max_length`` (the
+    teacher model's context; default the tokenizer's) marks longer requests as overflowed."""
     resp = sv.check_ids(student_response, "student")
     stop_index = None
     if resp.size and int(resp[-1]) in student.stop_ids:
@@ -229,7 +231,8 @@ def build_teacher_request(
     t_resp = tv.encode_bytes(sv.concat_bytes(body))
     stop = list(teacher.end_of_turn_ids) if stop_index is not None else []
     ids = prompt + t_resp + stop
-    overflow = teacher.max_length is not None and len(ids) > teacher.max_length
+    limit = max_length or teacher.max_length
+    overflow = limit is not None and len(ids) > limit
     return TeacherRequest(
         teacher_ids=ids,
         response_start=len(prompt),

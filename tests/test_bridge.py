@@ -1,0 +1,223 @@
+"""Chat-template bridging on real tokenizers and realistic templates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crossopd.bridge import (
+    ChatFormat,
+    TeacherContext,
+    TemplateError,
+    align_bridged,
+    build_teacher_request,
+)
+from crossopd.loaders import load_hf_tokenizer
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+THINK_TEMPLATE = (  # Qwen3-style: ChatML with an empty reasoning block on assistant turns
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "What is 12 × 7? Answer briefly."}]
+MULTI = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a prime."},
+    {"role": "assistant", "content": "Seven."},
+    {"role": "user", "content": "Another one, in 中文?"},
+]
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    return load_hf_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma_chat(get_vocab):
+    tok = load_hf_tokenizer("gemma3-270m")  # a fresh object: the template is ours
+    tok.chat_template = GEMMA_TEMPLATE
+    return ChatFormat.from_tokenizer(tok), tok
+
+
+@pytest.fixture(scope="session")
+def gemma_plain():
+    tok = load_hf_tokenizer("gemma3-270m")
+    assert not tok.chat_template  # the bundled Gemma 3 270M is a base model
+    return ChatFormat.from_tokenizer(tok, plain_template="Question: {prompt}\nAnswer:",
+                                     stop="\n\nQuestion:"), tok
+
+
+@pytest.fixture(scope="session")
+def llama3_chat():
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from crossopd import models
+
+    path = models.bundled_path("llama3")
+    enc = models.llama_tiktoken_encoding(path)
+    converted = TikTokenConverter(vocab_file=str(path), pattern=enc._pat_str,
+                                  extra_special_tokens=enc._special_tokens).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    return ChatFormat.from_tokenizer(tok), tok
+
+
+@pytest.fixture(scope="session")
+def smol_chat(smol_tok):
+    return ChatFormat.from_tokenizer(smol_tok)
+
+
+def _sample(sv, text: str, stop_id: int | None) -> list[int]:
+    ids = sv.encode_bytes(text.encode())
+    return ids + ([stop_id] if stop_id is not None else [])
+
+
+def _check_request(req, sv, tv, s_fmt, t_fmt, t_tok, student_markers):
+    t_prompt = t_tok.decode(req.teacher_ids[: req.response_start])
+    for marker in student_markers:  # the teacher never sees the student's markers
+        assert marker not in t_prompt
+    body = req.student_response if req.student_stop_index is None else \
+        req.student_response[: req.student_stop_index]
+    # response bytes identical on both sides
+    assert tv.concat_bytes(req.teacher_ids[req.response_start : req.response_end]) == \
+        sv.concat_bytes(body)
+    a = align_bridged(req, sv, tv)
+    assert a.coverage == 1.0
+    if req.student_stop_index is not None:
+        stop = a.num_chunks - 1
+        assert a.student_chunk[req.student_stop_index] == stop
+        stop_t = np.flatnonzero(a.teacher_chunk == stop) + req.response_start
+        assert [req.teacher_ids[i] for i in stop_t] == t_fmt.end_of_turn_ids
+    return a, t_prompt
+
+
+@pytest.mark.parametrize("teacher", ["gemma_chat", "gemma_plain", "llama3_chat"])
+def test_smollm2_student_to_each_teacher_format(request, get_vocab, smol_chat, teacher):
+    t_fmt, t_tok = request.getfixturevalue(teacher)
+    sv = get_vocab("smollm2")
+    tv = get_vocab("llama3" if teacher == "llama3_chat" else "gemma3-270m")
+    resp = _sample(sv, " 12 × 7 = 84. 你好 👩\u200d💻", smol_chat.end_of_turn_ids[0])
+    req = build_teacher_request(MESSAGES, resp, smol_chat, t_fmt, sv, tv)
+    a, t_prompt = _check_request(req, sv, tv, smol_chat, t_fmt, t_tok,
+                                 ["<|im_start|>", "<|im_end|>"])
+    assert "What is 12 × 7? Answer briefly." in t_prompt
+    bos = t_tok.bos_token_id
+    assert req.teacher_ids[0] == bos and req.teacher_ids[1] != bos  # exactly one BOS
+    expected_end = {"gemma_chat": "<end_of_turn>", "gemma_plain": "\n\nQuestion:",
+                    "llama3_chat": "<|eot_id|>"}[teacher]
+    assert t_fmt.end_of_turn == expected_end
+    if teacher == "gemma_chat":
+        assert t_prompt.endswith("<start_of_turn>model\n")
+    if teacher == "llama3_chat":
+        assert t_prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_gemma_student_to_smollm2_teacher(get_vocab, gemma_chat, smol_chat, smol_tok):
+    g_fmt, _ = gemma_chat
+    sv, tv = get_vocab("gemma3-270m"), get_vocab("smollm2")
+    resp = _sample(sv, "Seven times twelve is 84.", g_fmt.end_of_turn_ids[0])
+    req = build_teacher_request(MESSAGES, resp, g_fmt, smol_chat, sv, tv)
+    a, t_prompt = _check_request(req, sv, tv, g_fmt, smol_chat, smol_tok,
+                                 ["<start_of_turn>", "<end_of_turn>"])
+    assert t_prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_think_template_end_marker_and_text_think_tags(get_vocab, smol_tok, gemma_plain):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_tok.name_or_path)
+    tok.chat_template = THINK_TEMPLATE
+    fmt = ChatFormat.from_tokenizer(tok)
+    assert fmt.end_of_turn == "<|im_end|>"  # found after the sentinel, past the <think> block
+    # "<think>" is plain text for both sides here: it aligns like any other bytes
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    t_fmt, t_tok = gemma_plain
+    resp = _sample(sv, "<think>\n7 × 12 = 84\n</think>\n\n84", fmt.end_of_turn_ids[0])
+    req = build_teacher_request(MESSAGES, resp, fmt, t_fmt, sv, tv)
+    _check_request(req, sv, tv, fmt, t_fmt, t_tok, ["<|im_start|>"])
+
+
+def test_multi_turn_histories_render_per_side(get_vocab, smol_chat, gemma_chat):
+    g_fmt, g_tok = gemma_chat
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    req = build_teacher_request(MULTI, _sample(sv, "Eleven.", 2), smol_chat, g_fmt, sv, tv)
+    t_prompt = g_tok.decode(req.teacher_ids[: req.response_start])
+    assert "<start_of_turn>model\nSeven.<end_of_turn>" in t_prompt
+    assert t_prompt.count("<start_of_turn>") == 5 and "<|im_start|>" not in t_prompt
+    s_prompt = smol_chat.render(MULTI)
+    assert "<|im_start|>assistant\nSeven.<|im_end|>" in s_prompt and "<start_of_turn>" not in \
+        s_prompt
+
+
+def test_teacher_only_context_reaches_only_the_teacher(get_vocab, smol_chat, gemma_plain):
+    t_fmt, t_tok = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    ctx = TeacherContext(system="Grade strictly.")
+    req = build_teacher_request(MESSAGES, _sample(sv, "84", 2), smol_chat, t_fmt, sv, tv,
+                                context=ctx, reference="12 × 7 = 84")
+    t_prompt = t_tok.decode(req.teacher_ids[: req.response_start])
+    assert "Grade strictly." in t_prompt and "12 × 7 = 84" in t_prompt
+    s_prompt = smol_chat.render(MESSAGES)
+    assert "Grade strictly." not in s_prompt and "12 × 7 = 84" not in s_prompt
+
+
+def test_response_cut_by_length_has_no_stop_chunk(get_vocab, smol_chat, gemma_plain):
+    t_fmt, _ = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    resp = sv.encode_bytes(b"The answer is 8")
+    req = build_teacher_request(MESSAGES, resp, smol_chat, t_fmt, sv, tv)
+    assert req.student_stop_index is None and req.stop_end == req.response_end
+    a = align_bridged(req, sv, tv)
+    assert a.coverage == 1.0 and (a.student_chunk >= 0).all()
+
+
+def test_other_trailing_special_tokens_are_masked(get_vocab, smol_chat, gemma_plain):
+    t_fmt, _ = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    endoftext = 0  # a special token that is not SmolLM2's end of turn
+    resp = sv.encode_bytes(b"84") + [endoftext]
+    req = build_teacher_request(MESSAGES, resp, smol_chat, t_fmt, sv, tv)
+    a = align_bridged(req, sv, tv)
+    assert req.student_stop_index is None
+    assert a.student_chunk[-1] == -1 and a.counts["special_student_tokens"] == 1
+
+
+def test_teacher_context_overflow_gets_no_signal(get_vocab, smol_chat, gemma_plain):
+    t_fmt, _ = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    resp = sv.encode_bytes(b"a long answer " * 20) + [2]
+    req = build_teacher_request(MESSAGES, resp, smol_chat, t_fmt, sv, tv, max_length=50)
+    assert req.overflow
+    a = align_bridged(req, sv, tv)
+    assert a.num_chunks == 0 and (a.student_chunk == -1).all()
+
+
+def test_template_errors_say_what_to_do(smol_chat):
+    tok = load_hf_tokenizer("gemma3-270m")
+    with pytest.raises(TemplateError, match="plain template"):
+        ChatFormat.from_tokenizer(tok)
+    with pytest.raises(TemplateError, match="stop string"):
+        ChatFormat.from_tokenizer(tok, plain_template="Q: {prompt}\nA:")
+    with pytest.raises(TemplateError, match="no \\{prompt\\} field"):
+        ChatFormat.from_tokenizer(tok, plain_template="Q:", stop="\n")
+    with pytest.raises(TemplateError, match="empty conversation"):
+        smol_chat.render([])
+    with pytest.raises(TemplateError, match="ends with an assistant turn"):
+        smol_chat.render(MULTI[:3])
