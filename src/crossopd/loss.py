@@ -1,0 +1,50 @@
+"""The OPD policy loss: PPO-clip with dual clip over per-token advantages, token-mean.
+
+``A_i = clamp(q_i - log p_i, -adv_clamp, adv_clamp)`` where ``q_i`` is the chunk credit target
+and ``log p_i`` the rollout-time log-prob. Unaligned / masked tokens (``mask == False`` or a NaN
+target) have no advantage and do not count in the token mean. With one update per rollout
+``ratio == 1`` and this is REINFORCE with the per-token reverse-KL reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 10.0
+    adv_clamp: float = 10.0
+
+
+def advantages(targets: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+               adv_clamp: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantage, valid mask): zero advantage and invalid where masked or unaligned."""
+    valid = mask & ~torch.isnan(targets)
+    adv = torch.where(valid, targets - old_logps, torch.zeros_like(old_logps))
+    return adv.clamp(-adv_clamp, adv_clamp), valid
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: LossConfig = LossConfig(),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean PPO-clip loss with dual clip for negative advantages; any shape, elementwise."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    # dual clip: with A < 0 a huge ratio would make the loss unbounded; cap it at -A * c
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * cfg.dual_clip), per_token)
+    n = valid.sum()
+    loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum() / n.clamp(min=1)
+    with torch.no_grad():
+        clip_frac = ((clipped > unclipped) & valid).sum() / n.clamp(min=1)
+    return loss, {"clip_frac": float(clip_frac), "tokens": int(n)}

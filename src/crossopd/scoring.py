@@ -1,0 +1,90 @@
+"""Memory-bounded log-probs of realised tokens under a causal LM (teacher scoring and the
+student's own log-probs in training).
+
+The full ``[batch, length, vocab]`` log-softmax is never built: the decoder's hidden states for
+the scored positions go through the output head a block of rows at a time, sized so one block of
+logits stays under ``logits_budget_bytes``. With ``grad=True`` each block is checkpointed, so the
+backward pass recomputes its logits instead of keeping them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _block_logprobs(head: Any, softcap: float | None, h: torch.Tensor,
+                    tgt: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
+                  logits_budget_bytes: int, grad: bool = False) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for each row of ``hidden`` ([n, d]), in blocks."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    rows = max(1, logits_budget_bytes // (4 * vocab))
+    parts = []
+    for lo in range(0, hidden.shape[0], rows):
+        h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
+        if grad:
+            parts.append(checkpoint(_block_logprobs, head, softcap, h, t, use_reentrant=False))
+        else:
+            parts.append(_block_logprobs(head, softcap, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def score_sequences(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int]],
+    *,
+    max_batch_tokens: int = 8192,
+    logits_budget_bytes: int = 64 * 2**20,
+    pad_id: int = 0,
+    grad: bool = False,
+) -> list[torch.Tensor]:
+    """Per sequence, float32 log-probs of ``ids[p]`` given ``ids[:p]`` for p in its span.
+
+    Sequences are batched by length (right padding, so positions are 0..n-1 in every row)."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    batches: list[list[int]] = [[]]
+    for i in order:  # similar lengths together: little padding
+        cur = batches[-1]
+        if cur and len(sequences[i]) * (len(cur) + 1) > max_batch_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    for batch in batches:
+        if not batch:
+            continue
+        length = max(len(sequences[i]) for i in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        rows, cols = [], []
+        for r, i in enumerate(batch):
+            ids[r, : len(sequences[i])] = torch.as_tensor(list(sequences[i]), dtype=torch.long)
+            mask[r, : len(sequences[i])] = 1
+            start, end = spans[i]
+            pos = torch.arange(start, end)
+            rows.append(torch.full_like(pos, r))
+            cols.append(pos - 1)  # position p is predicted from the hidden state at p - 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        r_idx, c_idx = torch.cat(rows).to(device), torch.cat(cols).to(device)
+        logps = head_logprobs(model, hidden[r_idx, c_idx], ids[r_idx, c_idx + 1],
+                              logits_budget_bytes, grad=grad)
+        offset = 0
+        for i in batch:
+            n = spans[i][1] - spans[i][0]
+            out[i] = logps[offset : offset + n]
+            offset += n
+    return out  # type: ignore[return-value]
