@@ -228,7 +228,12 @@ def build_teacher_request(
     body = resp if stop_index is None else resp[:stop_index]
     t_messages = (context or TeacherContext()).apply(messages, reference)
     prompt = teacher.prompt_ids(t_messages)
-    t_resp = tv.encode_bytes(sv.concat_bytes(body))
+    if sv.fingerprint == tv.fingerprint:
+        # same vocabulary: score the sampled ids themselves, so OPD reduces exactly to standard
+        # same-tokenizer OPD (1:1 chunks) even for non-canonical samples
+        t_resp = body.tolist()
+    else:
+        t_resp = tv.encode_bytes(sv.concat_bytes(body))
     stop = list(teacher.end_of_turn_ids) if stop_index is not None else []
     ids = prompt + t_resp + stop
     limit = max_length or teacher.max_length

@@ -9,13 +9,6 @@ from pathlib import Path
 
 from crossopd import models
 
-DEMO_TEXT = (
-    "Sure! Here is the plan: 1) compute 12345 × 678 = 8369910; 2) check it.\n"
-    "<think>Chunks must line up byte-for-byte.</think>\n"
-    "中文和日本語、한국어 and emoji 👩\u200d💻🎉 — café vs cafe\u0301.\n"
-    "\tdef f(x):\r\n        return x ** 2\n"
-)
-
 
 def _tokenizer_help() -> str:
     return (
@@ -93,19 +86,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_OVERRIDES = [
+    "student.model=smollm2",
+    "teacher.model=gemma3-270m",
+    "teacher.plain_template=Question: {prompt}\nAnswer:",
+    "teacher.stop=\n\nQuestion:",
+    "data.path=bundled:arith",
+    "steps=10",
+    "batch_size=8",
+    "rollout.max_new_tokens=48",
+    "optim.lr=1e-5",
+    "eval_prompts=16",
+    "output_dir=runs/demo",
+]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossopd.config import load_config
+    from crossopd.train import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # only overrides were given
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress and not args.json)
+    _print_result(result, args.json)
+    return 0
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    before, after = result["heldout_kl_before"], result["heldout_kl_after"]
+    if before is not None:
+        print(f"held-out reverse KL per byte: {before:.4f} -> {after:.4f}")
+    if result.get("final_eval"):
+        e = result["final_eval"]
+        print(f"alignment: coverage {e['coverage']:.4f}, 1:1 chunk share "
+              f"{e['one_to_one_share']:.3f}, stop rate {e['stop_rate']:.3f}"
+              + (f", accuracy {e['accuracy']:.3f}" if "accuracy" in e else ""))
+    print(f"report: {result['report']}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the training recipe lands, the demo is a real cross-family alignment."""
-    ns = argparse.Namespace(
-        student="smollm2",
-        teacher="gemma3-270m",
-        text=DEMO_TEXT,
-        file=None,
-        json=args.json,
-        html=args.html,
-        no_color=False,
-        max_rows=200,
-    )
-    return cmd_align(ns)
+    """Cross-family OPD on the bundled models: SmolLM2-135M learns from Gemma 3 270M."""
+    from crossopd.config import load_config
+    from crossopd.train import train
+
+    cfg = load_config(None, DEMO_OVERRIDES + list(args.overrides))
+    result = train(cfg, progress=not args.json)
+    out = {k: result[k] for k in ("heldout_kl_before", "heldout_kl_after", "steps", "coverage",
+                                  "report")}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_result(result, False)
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -162,16 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser(
-        "demo",
-        help="real cross-family example on the bundled models",
-        description="Align a mixed-language response between SmolLM2-135M "
-        "(student) and Gemma 3 270M (teacher). The training demo comes with "
-        "the OPD recipe.",
-    )
+    d = sub.add_parser("demo", help="short real cross-family OPD run on the bundled models",
+                       description="Student SmolLM2-135M-Instruct learns from teacher Gemma 3 "
+                       "270M (base, plain template) on the bundled arithmetic prompts; prints "
+                       "held-out reverse KL per byte before and after, alignment statistics and "
+                       "the report path. About 5 minutes on 2 CPU cores.")
+    d.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. steps=4)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.add_argument("--html", metavar="OUT", help="also write an HTML view to OUT")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="the OPD training recipe",
+                       description="Train a student on-policy from a teacher of any family. "
+                       "CONFIG is a YAML file (see docs/config.md); key=value overrides use "
+                       "dotted keys, e.g. optim.lr=1e-5 rollout.max_new_tokens=128.")
+    t.add_argument("config", nargs="?", help="YAML config file (optional: all keys have defaults)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    t.set_defaults(func=cmd_train)
+
     doc = sub.add_parser("doctor", help="check a student/teacher pair before training",
                          description="Tokenizer kinds, byte-view round trips, alignment coverage "
                          "on sample texts, both rendered prompts, both stop markers, warnings.")
@@ -203,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"crossopd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

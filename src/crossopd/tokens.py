@@ -141,6 +141,16 @@ class ByteVocab:
     def vocab_size(self) -> int:
         return int(self.lengths.size)
 
+    @property
+    def fingerprint(self) -> str:
+        """Equal for vocabularies with the same bytes and special flags for every id."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha1(self._blob)
+            h.update(self.lengths.tobytes())
+            h.update(self.special.tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
     def check_ids(self, ids: Any, side: str = "token") -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         # one reduction: negative ids become huge when read as unsigned

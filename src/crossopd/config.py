@@ -1,0 +1,224 @@
+"""The training recipe's config: one YAML file plus ``key=value`` overrides, into dataclasses,
+validated before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crossopd.credit import RULES
+from crossopd.loss import LossConfig
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message says which key and what to do."""
+
+
+@dataclass
+class StudentConfig:
+    model: str = "smollm2"  # HF dir, hub id, .gguf file or bundled name
+    dtype: str = "float32"
+
+
+@dataclass
+class TeacherConfig:
+    model: str | None = "gemma3-270m"  # in-process teacher (HF dir, hub id, .gguf, bundled)
+    urls: list[str] = field(default_factory=list)  # or HTTP teachers (vllm serve / serve-teacher)
+    served_name: str | None = None  # model name on the server
+    plain_template: str | None = None  # for a teacher without a chat template
+    stop: str | None = None  # what ends the teacher's answer with a plain template
+    system: str | None = None  # teacher-only system prompt
+    reference_column: str | None = None  # data column appended to the teacher's user turn
+    max_length: int | None = None  # teacher context; default: the model's
+    timeout: float = 120.0
+    retries: int = 3
+
+
+@dataclass
+class DataConfig:
+    path: str = "bundled:arith"  # .jsonl/.json/.parquet with `messages` or `prompt`
+    heldout_path: str | None = None  # default: the last `heldout_size` rows of `path`
+    heldout_size: int = 16
+    answer_column: str = "answer"
+
+
+@dataclass
+class RolloutConfig:
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    credit_rule: str = "proportional"
+    steps: int = 10
+    batch_size: int = 8  # prompts per step
+    update_epochs: int = 1
+    eval_every: int = 0  # 0: evaluate before and after training only
+    eval_prompts: int = 16
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    output_dir: str = "runs/opd"
+    max_batch_tokens: int = 8192
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(where + k for k in unknown))}; "
+                          f"valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, where + key)
+    return cls(**kwargs)
+
+
+class _Raw(str):
+    """A command-line override value, typed by the field it lands in."""
+
+
+def _unescape(s: str) -> str:
+    # \n, \t, \r and \\ as on the command line; other text (any Unicode) untouched
+    return s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t") \
+        .replace("\\r", "\r").replace("\0", "\\")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    optional = union and type(None) in typing.get_args(hint)
+    if isinstance(value, _Raw):
+        if str in members and value.lower() not in ("null", "none", "~"):
+            return _unescape(str(value))
+        value = yaml.safe_load(str(value)) if value != "" else None
+    if value is None and typing.get_origin(members[0]) is not list:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    base = members[0]
+    if typing.get_origin(base) is list:
+        if value is None:
+            return []
+        if isinstance(value, str):  # url1,url2 on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if base is int and float(value) != int(value):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        return base(value)
+    if base is str and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _set_dotted(data: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = _Raw(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    cfg = _build(TrainConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".jsonl", ".json", ".parquet"))
+
+
+def validate(cfg: TrainConfig) -> None:
+    from crossopd import models
+
+    if cfg.credit_rule not in RULES:
+        raise ConfigError(f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(RULES)}")
+    for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
+                            ("update_epochs", cfg.update_epochs, 1),
+                            ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),
+                            ("rollout.max_new_tokens", cfg.rollout.max_new_tokens, 1),
+                            ("eval_prompts", cfg.eval_prompts, 0),
+                            ("keep_checkpoints", cfg.keep_checkpoints, 1)):
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if not 0 < cfg.rollout.top_p <= 1 or cfg.rollout.temperature <= 0:
+        raise ConfigError("rollout.temperature must be > 0 and rollout.top_p in (0, 1]")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if bool(cfg.teacher.model) == bool(cfg.teacher.urls):
+        raise ConfigError("set exactly one of teacher.model (in-process) and teacher.urls (HTTP)")
+    if cfg.teacher.plain_template is not None and not cfg.teacher.stop:
+        raise ConfigError("teacher.plain_template needs teacher.stop (what ends the answer)")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith(("cuda", "mps")):
+        raise ConfigError(f"device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    for key, value in (("student.model", cfg.student.model), ("teacher.model", cfg.teacher.model),
+                       ("data.path", cfg.data.path), ("data.heldout_path", cfg.data.heldout_path)):
+        if not value or value in models.BUNDLED or value.startswith("bundled:"):
+            continue
+        if _looks_like_path(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: {value} does not exist")
+    if cfg.student.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"student.dtype {cfg.student.dtype!r}: float32, bfloat16 or float16")

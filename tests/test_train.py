@@ -1,0 +1,210 @@
+"""The OPD recipe end to end on tiny models built here (different tokenizers), resume after
+SIGKILL, same-tokenizer equivalence, and config/data errors before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from crossopd.config import ConfigError, load_config
+from crossopd.data import DataError, load_examples
+from crossopd.loaders import load_hf_tokenizer
+
+PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
+
+
+def _tiny_model(tok, out: Path, seed: int, layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    smol = load_hf_tokenizer("smollm2")
+    gemma = load_hf_tokenizer("gemma3-270m")
+    return {
+        "student": str(_tiny_model(smol, root / "student", 0)),
+        "teacher": str(_tiny_model(gemma, root / "teacher", 1)),
+        "same_teacher": str(_tiny_model(smol, root / "same_teacher", 2)),
+    }
+
+
+def _config(tiny: dict, out: Path, **extra) -> dict:
+    cfg = {
+        "student": {"model": tiny["student"]},
+        "teacher": {"model": tiny["teacher"], **PLAIN},
+        "data": {"path": "bundled:arith", "heldout_size": 4},
+        "rollout": {"max_new_tokens": 8},
+        "steps": 2, "batch_size": 2, "eval_prompts": 2, "checkpoint_every": 1,
+        "keep_checkpoints": 2, "output_dir": str(out), "device": "cpu",
+        "optim": {"lr": 1e-3},
+    }
+    for k, v in extra.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def test_end_to_end_tiny_cross_family(tiny, tmp_path):
+    from crossopd.train import train
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny, tmp_path / "run", steps=3)))
+    cfg = load_config(path)
+    result = train(cfg, progress=False)
+    out = tmp_path / "run"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 <= r["coverage"] <= 1 and np.isfinite(r["loss"]) and r["response_tokens"] > 0
+        assert {"kl_per_token", "kl_per_byte", "adv_mean", "one_to_one_share", "stop_chunks",
+                "overflowed_sequences", "lr", "grad_norm", "time/rollout_tok_per_s",
+                "time/teacher_tok_per_s", "time/align_credit_tok_per_s",
+                "time/update_tok_per_s"} <= set(r)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_0000002", "step_0000003"]  # keep_checkpoints=2
+    assert (out / "report.html").exists() and (out / "kl.png").stat().st_size > 1000
+    assert result["heldout_kl_before"] is not None and result["heldout_kl_after"] is not None
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3] and "accuracy" in evals[0]
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "crossopd.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_resume_after_sigkill_is_exact(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    def write(name: str) -> Path:
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(_config(tiny, tmp_path / name, steps=6,
+                                            keep_checkpoints=10)))
+        return p
+
+    full = _run_cli(["train", str(write("full")), "--no-progress"])
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+
+    killed = _run_cli(["train", str(write("killed")), "--no-progress"])
+    marker = tmp_path / "killed" / "checkpoints" / "step_0000003" / "trainer_state.pt"
+    deadline = time.time() + 600
+    while not marker.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    resumed = _run_cli(["train", str(tmp_path / "killed.yaml"), "--resume", "--no-progress"])
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step_0000006" /
+                      "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        ra = [json.loads(x) for x in (tmp_path / "full" / name).read_text().splitlines()]
+        rb = [json.loads(x) for x in (tmp_path / "killed" / name).read_text().splitlines()]
+        assert _strip_timing(ra) == _strip_timing(rb)
+
+
+def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
+    """Identical tokenizers: every chunk 1:1 and the target is the teacher's log-prob of the
+    sampled token, i.e. the advantages of direct per-token OPD."""
+    from crossopd.train import build_components, rollout_and_score
+
+    cfg = load_config(None, [f"student.model={tiny['student']}",
+                             f"teacher.model={tiny['same_teacher']}", "device=cpu",
+                             "rollout.max_new_tokens=12", f"output_dir={tmp_path}"])
+    c = build_components(cfg)
+    examples = load_examples("bundled:arith")[:4]
+    torch.manual_seed(0)
+    s = rollout_and_score(c, examples, cfg, samples_per_prompt=1)
+    # direct OPD: the teacher scores the student's own sequence (same template, same ids)
+    direct = c.teacher.score(s.sequences, s.spans)
+    for q, d in zip(s.targets, direct):
+        assert not torch.isnan(q).any()
+        np.testing.assert_allclose(q.numpy(), d, rtol=0, atol=1e-5)
+    assert s.stats["one_to_one_share"] == 1.0 and s.stats["coverage"] == 1.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=1"], "unknown key.*optim.lrr"),
+    (["steps=0"], "steps must be at least 1"),
+    (["teacher.urls=http://x:1"], "exactly one of teacher.model"),
+    (["data.path=./missing.jsonl"], "does not exist"),
+    (["credit_rule=first"], "credit_rule"),
+    (["teacher.plain_template=Q: {prompt}"], "needs teacher.stop"),
+    (["optim.lr=fast"], "optim.lr must be a number"),
+    (["steps"], "key=value"),
+])
+def test_bad_config_is_rejected_before_models_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_config_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_data_is_rejected(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "hi"}\n')
+    with pytest.raises(DataError, match="needs a 'messages' or 'prompt' column"):
+        load_examples(str(p))
+    p.write_text('{"prompt": "fine"}\n{"prompt": "  "}\n')
+    with pytest.raises(DataError, match="row 1: empty prompt"):
+        load_examples(str(p))
+    p.write_bytes(b"\x00\xff not json")
+    with pytest.raises(DataError, match="cannot read"):
+        load_examples(str(p))
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt\nhi\n")
+    with pytest.raises(DataError, match=".jsonl, .json or .parquet"):
+        load_examples(str(csv))
+
+
+def test_messages_column_and_answers(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "system", "content": "s"},
+                                          {"role": "user", "content": "2+2?"}],
+                             "answer": 4}) + "\n")
+    (ex,) = load_examples(str(p))
+    assert ex.messages[-1] == {"role": "user", "content": "2+2?"} and ex.answer == "4"
+
+
+def test_cli_train_reports_config_errors(capsys):
+    from crossopd.cli import main
+
+    assert main(["train", "steps=-1"]) == 2
+    assert "steps must be at least 1" in capsys.readouterr().err
