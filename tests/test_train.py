@@ -156,7 +156,9 @@ def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lrr=1"], "unknown key.*optim.lrr"),
     (["steps=0"], "steps must be at least 1"),
-    (["teacher.urls=http://x:1"], "exactly one of teacher.model"),
+    (["teacher.urls=http://x:1", "teacher.model=smollm2"], "exactly one of teacher.model"),
+    ([], "exactly one of teacher.model"),
+    (["teacher.urls=http://x:1"], "needs teacher.tokenizer"),
     (["data.path=./missing.jsonl"], "does not exist"),
     (["credit_rule=first"], "credit_rule"),
     (["teacher.plain_template=Q: {prompt}"], "needs teacher.stop"),
@@ -164,8 +166,10 @@ def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     (["steps"], "key=value"),
 ])
 def test_bad_config_is_rejected_before_models_load(overrides, message):
+    names_teacher = any(o.startswith(("teacher.model", "teacher.urls")) for o in overrides)
+    base = [] if names_teacher or not overrides else ["teacher.model=smollm2"]
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+        load_config(None, base + overrides)
 
 
 def test_bad_config_file(tmp_path):
@@ -206,5 +210,30 @@ def test_messages_column_and_answers(tmp_path):
 def test_cli_train_reports_config_errors(capsys):
     from crossopd.cli import main
 
-    assert main(["train", "steps=-1"]) == 2
+    assert main(["train", "steps=-1", "teacher.model=smollm2"]) == 2
     assert "steps must be at least 1" in capsys.readouterr().err
+
+
+def test_training_against_a_real_http_teacher(tiny, tmp_path):
+    """One step with the teacher behind `crossopd serve-teacher` on 127.0.0.1."""
+    from test_teachers import _free_port, _wait_ready
+
+    from crossopd.train import train
+
+    port = _free_port()
+    server = _run_cli(["serve-teacher", "--model", tiny["teacher"], "--port", str(port),
+                       "--device", "cpu", "--name", "tiny-teacher"])
+    try:
+        _wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
+        cfg = _config(tiny, tmp_path / "http", steps=1, eval_prompts=0)
+        cfg["teacher"] = {"urls": [f"http://127.0.0.1:{port}"], "served_name": "tiny-teacher",
+                          "tokenizer": tiny["teacher"], **PLAIN}
+        path = tmp_path / "http.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        train(load_config(path), progress=False)
+        (row,) = [json.loads(x) for x in (tmp_path / "http" / "metrics.jsonl").read_text()
+                  .splitlines()]
+        assert row["coverage"] == 1.0 and row["signal_tokens"] > 0 and np.isfinite(row["loss"])
+    finally:
+        server.kill()
+        server.wait(timeout=30)

@@ -28,9 +28,10 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    model: str | None = "gemma3-270m"  # in-process teacher (HF dir, hub id, .gguf, bundled)
+    model: str | None = None  # in-process teacher (HF dir, hub id, .gguf, bundled)
     urls: list[str] = field(default_factory=list)  # or HTTP teachers (vllm serve / serve-teacher)
     served_name: str | None = None  # model name on the server
+    tokenizer: str | None = None  # teacher tokenizer (default: model, else served_name)
     plain_template: str | None = None  # for a teacher without a chat template
     stop: str | None = None  # what ends the teacher's answer with a plain template
     system: str | None = None  # teacher-only system prompt
@@ -209,12 +210,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if bool(cfg.teacher.model) == bool(cfg.teacher.urls):
-        raise ConfigError("set exactly one of teacher.model (in-process) and teacher.urls (HTTP)")
+        raise ConfigError("set exactly one of teacher.model (in-process teacher) and "
+                          "teacher.urls (HTTP teacher)")
     if cfg.teacher.plain_template is not None and not cfg.teacher.stop:
         raise ConfigError("teacher.plain_template needs teacher.stop (what ends the answer)")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith(("cuda", "mps")):
         raise ConfigError(f"device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
+    if cfg.teacher.urls and not (cfg.teacher.tokenizer or cfg.teacher.served_name):
+        raise ConfigError("an HTTP teacher needs teacher.tokenizer (or teacher.served_name as "
+                          "a hub id) to build its prompts and spell the student's bytes")
     for key, value in (("student.model", cfg.student.model), ("teacher.model", cfg.teacher.model),
+                       ("teacher.tokenizer", cfg.teacher.tokenizer),
                        ("data.path", cfg.data.path), ("data.heldout_path", cfg.data.heldout_path)):
         if not value or value in models.BUNDLED or value.startswith("bundled:"):
             continue

@@ -73,7 +73,7 @@ def build_components(cfg: TrainConfig) -> Components:
         teacher = HTTPTeacher(t_cfg.urls, model=t_cfg.served_name, timeout=t_cfg.timeout,
                               retries=t_cfg.retries, max_length=t_cfg.max_length)
         t_src = t_cfg.served_name or ""
-    t_tok = load_hf_tokenizer(t_src)
+    t_tok = load_hf_tokenizer(t_cfg.tokenizer or t_src)
     teacher_fmt = ChatFormat.from_tokenizer(t_tok, plain_template=t_cfg.plain_template,
                                             stop=t_cfg.stop, name=t_src)
     teacher_fmt.max_length = t_cfg.max_length or teacher.max_length or teacher_fmt.max_length
