@@ -43,10 +43,6 @@ class HFTeacher:
 
         return cls(load_hf_model(src, dtype=dtype, device=device or default_device()), **kwargs)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.inference_mode()
     def score(
         self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
