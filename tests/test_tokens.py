@@ -213,3 +213,26 @@ def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
 def test_unknown_source_error_names_the_options():
     with pytest.raises(FileNotFoundError, match="bundled name"):
         ByteVocab.from_pretrained("./no/such/tokenizer")
+
+
+def test_lossy_normaliser_is_respelled_with_byte_tokens():
+    """A teacher whose normaliser rewrites text (NFKC, lowercase) still gets ids spelling the
+    exact bytes: the changed stretches are spelled with byte-fallback tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for ch in "▁abcdefghijklmnopqrstuvwxyz0123456789½":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
+                                           normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    v = ByteVocab.from_pretrained(tok)
+    assert v.kind == "metaspace"
+    for text in ("ﬁne Hello", "Ⅻ and ½", "plain text", "ÀB\u0301"):
+        data = text.encode()
+        assert v.concat_bytes(v.encode_bytes(data)) == data, text
+    ids = v.encode_bytes("ﬁne".encode())
+    assert [v.token_bytes([i])[0] for i in ids] == [b"\xef", b"\xac", b"\x81", b"n", b"e"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -425,7 +424,3 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def hf_json(tokenizer: Any) -> dict:
-    return json.loads(tokenizer.to_str())
