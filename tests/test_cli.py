@@ -86,7 +86,7 @@ def test_bench_align_shape_small():
 
 
 def test_bench_unknown_target_is_explicit(capsys):
-    assert main(["bench", "learn"]) == 2
+    assert main(["bench", "step"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
 
 

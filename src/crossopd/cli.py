@@ -55,9 +55,20 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "learn":
+        from crossopd.bench_learn import bench_learn
+
+        preset = args.preset or ("quick" if args.quick else "full")
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+        result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(render_learn_table(result))
+        return 0
     if args.which != "align":
         print(
-            f"crossopd bench {args.which}: not implemented yet (only 'align' exists so far)",
+            f"crossopd bench {args.which}: not implemented yet ('align' and 'learn' exist)",
             file=sys.stderr,
         )
         return 2
@@ -129,6 +140,21 @@ def _print_result(result: dict, as_json: bool) -> None:
     print(f"report: {result['report']}")
 
 
+def render_learn_table(r: dict) -> str:
+    lines = [f"preset {r['preset']}: teachers T_x {r['teachers']['teacher_x']:.3f}, "
+             f"T_s {r['teachers']['teacher_s']:.3f}; 1:1 chunk share (cross) "
+             f"{r['one_to_one_share']:.3f}",
+             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
+    for arm, a in r["arms"].items():
+        need = a.get("tokens_to_sft_final")
+        lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
+                     f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
+    ratio = r["cross_same_gain_ratio"]
+    lines.append(f"cross/same gain ratio: {'n/a' if ratio is None else f'{ratio:.2f}'}; "
+                 f"plot: {r['plot']}; {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Cross-family OPD on the bundled models: SmolLM2-135M learns from Gemma 3 270M."""
     from crossopd.config import load_config
@@ -192,11 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks (JSON with --json)",
         description="Run a benchmark. 'align': student tokens/s of align + credit "
-        "vs the decode-based baseline on three real tokenizer pairs.",
+        "vs the decode-based baseline on three real tokenizer pairs. 'learn': held-out "
+        "accuracy of SFT, cross-tokenizer OPD (three credit rules) and same-tokenizer OPD at an "
+        "equal student-token budget, on small models trained from scratch (--quick: ~10-15 min "
+        "on 2 cores). 'step': not implemented yet.",
     )
     b.add_argument("which", choices=["align", "learn", "step"])
-    b.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
+                   "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--preset", choices=["tiny", "quick", "full"], help="learn: size preset "
+                   "(default: quick with --quick, else full)")
+    b.add_argument("--out", help="learn: output directory (default runs/bench_learn)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="short real cross-family OPD run on the bundled models",
