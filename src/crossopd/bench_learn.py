@@ -159,27 +159,34 @@ def supervised_train(model: Any, pairs: list[tuple[list[int], list[int]]], steps
 
 
 @torch.inference_mode()
+def generate_texts(model: Any, tok: Any, prompts: list[str], max_new_tokens: int,
+                   sample: bool) -> list[str]:
+    """Continuations of ``prompts`` (greedy, or sampled from the full distribution), cut at EOS."""
+    texts = []
+    for lo in range(0, len(prompts), 64):
+        ids_list = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[lo: lo + 64]]
+        width = max(map(len, ids_list))
+        ids = torch.zeros((len(ids_list), width), dtype=torch.long)
+        mask = torch.zeros((len(ids_list), width), dtype=torch.long)
+        for r, p in enumerate(ids_list):  # left padding for generation
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        extra = {"do_sample": True, "top_k": 0} if sample else {"do_sample": False}
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **extra)
+        for row in out[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts
+
+
 def accuracy(model: Any, tok: Any, problems: list[tuple[str, str, int]],
              max_new_tokens: int = 24) -> float:
     """Greedy decoding, exact answer check."""
-    correct = 0
-    for lo in range(0, len(problems), 64):
-        chunk = problems[lo: lo + 64]
-        prompts = [tok(p[0], add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(map(len, prompts))
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        for row, prob in zip(out[:, width:].tolist(), chunk):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            correct += check_answer(tok.decode(row, skip_special_tokens=True), prob[2])
-    return correct / len(problems)
+    texts = generate_texts(model, tok, [p[0] for p in problems], max_new_tokens, sample=False)
+    return sum(check_answer(t, p[2]) for t, p in zip(texts, problems)) / len(problems)
 
 
 # ------------------------------------------------------------------------------ presets
@@ -309,27 +316,10 @@ def teacher_samples(models: dict, preset: Preset, seed: int, train_set) -> list[
     teacher, t_tok = models["teacher_x"]
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    out = []
-    with torch.inference_mode():
-        probs = rng.sample(train_set, min(len(train_set), 2000))
-        for lo in range(0, len(probs), 64):
-            chunk = probs[lo: lo + 64]
-            prompts = [t_tok(p[0], add_special_tokens=False)["input_ids"] for p in chunk]
-            width = max(map(len, prompts))
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, p in enumerate(prompts):
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
-            gen = teacher.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                                   max_new_tokens=preset.max_new_tokens,
-                                   eos_token_id=t_tok.eos_token_id,
-                                   pad_token_id=t_tok.pad_token_id)
-            for row, prob in zip(gen[:, width:].tolist(), chunk):
-                if t_tok.eos_token_id in row:
-                    row = row[: row.index(t_tok.eos_token_id)]
-                out.append((prob, t_tok.decode(row, skip_special_tokens=True)))
-    return out
+    probs = rng.sample(train_set, min(len(train_set), 2000))
+    texts = generate_texts(teacher, t_tok, [p[0] for p in probs], preset.max_new_tokens,
+                           sample=True)
+    return list(zip(probs, texts))
 
 
 def run_sft(models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
