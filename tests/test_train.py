@@ -237,3 +237,31 @@ def test_training_against_a_real_http_teacher(tiny, tmp_path):
     finally:
         server.kill()
         server.wait(timeout=30)
+
+
+def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
+    """A student with dropout: the update scores rollouts in eval mode, so ratio == 1 and
+    nothing is clipped on the first epoch."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from crossopd.train import Scored, update
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
+                                       n_head=2, resid_pdrop=0.5, embd_pdrop=0.5,
+                                       attn_pdrop=0.5)).eval()
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
+    spans = [(2, 6), (1, 4)]
+    from crossopd.scoring import score_sequences
+
+    with torch.no_grad():
+        old = [o.double() for o in score_sequences(model, seqs, spans)]
+    targets = [o - 3.0 for o in old]  # large positive advantages would be clipped if ratio != 1
+    s = Scored(seqs, spans, old, targets, {})
+    c = type("C", (), {"student": model, "pad_id": 0})()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    cfg = load_config(None, ["teacher.model=smollm2", "update_epochs=1"])
+    out = update(c, s, opt, sched, cfg)
+    assert out["clip_frac"] == 0.0
+    assert out["loss"] == pytest.approx(3.0, abs=1e-6)  # -A * ratio with A = -3 and ratio = 1

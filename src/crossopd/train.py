@@ -213,7 +213,8 @@ def update(c: Components, s: Scored, optimizer, scheduler, cfg: TrainConfig) -> 
             cur, width = [], len(s.sequences[i])
         cur.append(i)
     micro.append(cur)
-    c.student.train()
+    # The student stays in eval mode: with dropout active the update would score the rollout
+    # under a different policy than the one that produced old_logps (ratio != 1 on-policy).
     for _ in range(cfg.update_epochs):
         optimizer.zero_grad(set_to_none=True)
         loss_sum, clip_sum = 0.0, 0.0
@@ -237,7 +238,6 @@ def update(c: Components, s: Scored, optimizer, scheduler, cfg: TrainConfig) -> 
         scheduler.step()
         out.update(loss=loss_sum / total_valid, clip_frac=clip_sum / total_valid,
                    grad_norm=float(grad_norm))
-    c.student.eval()
     return out
 
 
