@@ -13,6 +13,8 @@ from crossopd.align import _chunks_diff, _chunks_equal_bytes, _offsets, align_le
 from reference import boundaries, brute_force_sync_offsets, check_alignment, chunk_spans
 from strategies import texts
 
+pytestmark = pytest.mark.core  # the array core: `pytest -m core`
+
 PAIRS = [
     ("smollm2", "gemma3-270m"),
     ("gemma3-270m", "smollm2"),

@@ -8,9 +8,8 @@ import random
 import numpy as np
 
 from crossopd.align import align
-from crossopd.bench_learn import (
-    ARMS,
-    bench_learn,
+from crossopd.bench.learn import ARMS, bench_learn
+from crossopd.bench.learn_task import (
     check_answer,
     make_problem,
     make_split,

@@ -12,7 +12,7 @@ from crossopd.bridge import (
     align_bridged,
     build_teacher_request,
 )
-from crossopd.loaders import load_hf_tokenizer
+from crossopd.hub import load_hf_tokenizer
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
@@ -67,10 +67,10 @@ def llama3_chat():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from crossopd import models
+    from crossopd import bundled
 
-    path = models.bundled_path("llama3")
-    enc = models.llama_tiktoken_encoding(path)
+    path = bundled.bundled_path("llama3")
+    enc = bundled.llama_tiktoken_encoding(path)
     converted = TikTokenConverter(vocab_file=str(path), pattern=enc._pat_str,
                                   extra_special_tokens=enc._special_tokens).converted()
     tok = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|begin_of_text|>",

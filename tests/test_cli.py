@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from crossopd import bench
+from crossopd.bench import align as bench
 from crossopd.cli import main
 
 
@@ -122,3 +122,30 @@ def test_doctor_terminal_report_with_explicit_plain_template(capsys):
     assert "end of turn '<|im_end|>'" in out and "end of turn '\\n\\nQ:'" in out
     assert "Q: What is 12 × 7?\\nA:'" in out
     assert "teacher has no chat template" not in out
+
+
+def test_readme_python_snippet_runs():
+    """The README's Python API block runs as written and gives one target per student token."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["q"].shape == (len(scope["student_ids"]),)
+    assert scope["a"].coverage == 1.0
+
+
+def test_shipped_configs_validate():
+    """`crossopd demo` runs configs/demo.yaml; the commented example validates as shipped apart
+    from its placeholder data file."""
+    from crossopd.cli import demo_config_path
+    from crossopd.config import load_config
+
+    demo = load_config(demo_config_path())
+    assert (demo.student.model, demo.teacher.model, demo.steps) == ("smollm2", "gemma3-270m", 10)
+    assert demo.teacher.plain_template == "Question: {prompt}\nAnswer:"
+    assert demo.teacher.stop == "\n\nQuestion:" and demo.optim.lr == 1e-5
+    example = load_config(demo_config_path().with_name("example.yaml"), ["data.path=bundled:arith"])
+    assert example.credit_rule == "proportional" and example.loss.clip_high == 0.28

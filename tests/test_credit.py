@@ -14,6 +14,8 @@ from crossopd.credit import RULES
 
 from reference import credit_reference
 
+pytestmark = pytest.mark.core  # the array core: `pytest -m core`
+
 
 @st.composite
 def alignments(draw):

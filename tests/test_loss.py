@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from crossopd.loss import LossConfig, advantages, policy_loss
 
+pytestmark = pytest.mark.core  # the array core: `pytest -m core`
+
 
 def reference_loss(logps, old, targets, mask, cfg: LossConfig):
     total, n = 0.0, 0

@@ -10,11 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crossopd import ByteVocab, UnsupportedTokenizerError
-from crossopd.tokens import in_context_encoder_json
+from crossopd.vocabs.hf_json import in_context_encoder_json
 
 from conftest import REAL
 from reference import decoded_bytes
 from strategies import texts
+
+pytestmark = pytest.mark.core  # the array core: `pytest -m core`
 
 
 def spellable(v: ByteVocab, data: bytes) -> bytes:
@@ -199,13 +201,14 @@ def test_in_context_encoder_json_drops_prefix_and_post_processor():
 
 
 def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
-    from crossopd import loaders, models
+    from crossopd import bundled
+    from crossopd.vocabs.gguf import gguf_tokenizer_dir
 
-    path = models.smollm2_gguf()
+    path = bundled.smollm2_gguf()
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path))
-    first = loaders.gguf_tokenizer_dir(path)
+    first = gguf_tokenizer_dir(path)
     mtime = (first / "tokenizer.json").stat().st_mtime_ns
-    assert loaders.gguf_tokenizer_dir(path) == first
+    assert gguf_tokenizer_dir(path) == first
     assert (first / "tokenizer.json").stat().st_mtime_ns == mtime
     assert not [p for p in first.parent.iterdir() if ".tmp" in p.name]
 

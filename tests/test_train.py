@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from crossopd.config import ConfigError, load_config
-from crossopd.data import DataError, load_examples
-from crossopd.loaders import load_hf_tokenizer
+from crossopd.hub import load_hf_tokenizer
+from crossopd.loss import LossConfig
+from crossopd.prompts import DataError, load_examples
 
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
 
@@ -136,7 +137,8 @@ def test_resume_after_sigkill_is_exact(tiny, tmp_path):
 def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     """Identical tokenizers: every chunk 1:1 and the target is the teacher's log-prob of the
     sampled token, i.e. the advantages of direct per-token OPD."""
-    from crossopd.train import build_components, rollout_and_score
+    from crossopd.opd import rollout_and_score
+    from crossopd.train import build_components
 
     cfg = load_config(None, [f"student.model={tiny['student']}",
                              f"teacher.model={tiny['same_teacher']}", "device=cpu",
@@ -144,7 +146,7 @@ def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     c = build_components(cfg)
     examples = load_examples("bundled:arith")[:4]
     torch.manual_seed(0)
-    s = rollout_and_score(c, examples, cfg, samples_per_prompt=1)
+    s = rollout_and_score(c, examples, cfg.rollout, credit_rule=cfg.credit_rule)
     # direct OPD: the teacher scores the student's own sequence (same template, same ids)
     direct = c.teacher.score(s.sequences, s.spans)
     for q, d in zip(s.targets, direct):
@@ -244,7 +246,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     nothing is clipped on the first epoch."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from crossopd.train import Scored, update
+    from crossopd.opd import Scored, update
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
@@ -261,7 +263,6 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     c = type("C", (), {"student": model, "pad_id": 0})()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    cfg = load_config(None, ["teacher.model=smollm2", "update_epochs=1"])
-    out = update(c, s, opt, sched, cfg)
+    out = update(c, s, opt, sched, LossConfig())
     assert out["clip_frac"] == 0.0
     assert out["loss"] == pytest.approx(3.0, abs=1e-6)  # -A * ratio with A = -3 and ratio = 1

@@ -12,27 +12,19 @@ unaligned (chunk index -1).
 
 from __future__ import annotations
 
-import difflib
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from crossopd._native import dpca, native_available
+from crossopd.bytediff import equal_blocks
+
 if TYPE_CHECKING:
     from crossopd.tokens import ByteVocab
 
 UNALIGNED = -1
-
-try:  # the compiled fast path for equal bytes (src/crossopd/_dpca.c); numpy below is the reference
-    from crossopd import _dpca
-except ImportError:  # pragma: no cover - only without a C compiler at install time
-    _dpca = None
-
-
-def native_available() -> bool:
-    return _dpca is not None and os.environ.get("CROSSOPD_NATIVE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -52,6 +44,45 @@ class Alignment:
     teacher_lengths: np.ndarray = field(repr=False)
     # every token of both sides is in a chunk (lets credit skip masking)
     fully_aligned: bool = False
+
+    @classmethod
+    def unaligned(cls, student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> Alignment:
+        """No chunks at all: every token of both sides gets no signal (and is counted)."""
+        return cls(
+            student_chunk=np.full(student_lengths.size, UNALIGNED, np.int64),
+            teacher_chunk=np.full(teacher_lengths.size, UNALIGNED, np.int64),
+            num_chunks=0,
+            bytes_equal=False,
+            student_lengths=student_lengths,
+            teacher_lengths=teacher_lengths,
+        )
+
+    def extended(
+        self,
+        student_lengths: np.ndarray,
+        teacher_lengths: np.ndarray,
+        last_chunk: tuple[int, int] | None = None,
+    ) -> Alignment:
+        """This alignment as the prefix of longer token sequences (the extra tokens unaligned),
+        with ``last_chunk = (student index, teacher start)`` adding one final chunk that pairs
+        that student token with every teacher token from ``teacher start`` on (a stop chunk)."""
+        s_chunk = np.full(student_lengths.size, UNALIGNED, np.int64)
+        s_chunk[: self.student_chunk.size] = self.student_chunk
+        t_chunk = np.full(teacher_lengths.size, UNALIGNED, np.int64)
+        t_chunk[: self.teacher_chunk.size] = self.teacher_chunk
+        n = self.num_chunks
+        if last_chunk is not None:
+            s_chunk[last_chunk[0]] = n
+            t_chunk[last_chunk[1] :] = n
+            n += 1
+        return Alignment(
+            student_chunk=s_chunk,
+            teacher_chunk=t_chunk,
+            num_chunks=n,
+            bytes_equal=self.bytes_equal,
+            student_lengths=student_lengths,
+            teacher_lengths=teacher_lengths,
+        )
 
     @cached_property
     def counts(self) -> dict[str, int]:
@@ -142,32 +173,6 @@ def _chunks_equal_bytes(
     return s_chunk, t_chunk, int(np.count_nonzero(s_sync)), not byteless
 
 
-def _equal_blocks(bs: bytes, bt: bytes) -> np.ndarray:
-    """Equal stretches ``(s_start, t_start, size)`` of two byte strings, in order.
-
-    Common prefix and suffix are taken directly so the O(n^2)-worst diff only sees the
-    differing middle.
-    """
-    n = min(len(bs), len(bt))
-    a = np.frombuffer(bs, dtype=np.uint8)
-    b = np.frombuffer(bt, dtype=np.uint8)
-    neq = np.flatnonzero(a[:n] != b[:n])
-    pre = int(neq[0]) if neq.size else n
-    neq_suf = np.flatnonzero(a[len(bs) - n :][::-1] != b[len(bt) - n :][::-1])
-    suf = int(neq_suf[0]) if neq_suf.size else n
-    suf = min(suf, n - pre)
-    blocks = []
-    if pre:
-        blocks.append((0, 0, pre))
-    mid = difflib.SequenceMatcher(
-        None, bs[pre : len(bs) - suf], bt[pre : len(bt) - suf], autojunk=False
-    )
-    blocks += [(i + pre, j + pre, size) for i, j, size in mid.get_matching_blocks() if size]
-    if suf:
-        blocks.append((len(bs) - suf, len(bt) - suf, suf))
-    return np.asarray(blocks, dtype=np.int64).reshape(-1, 3)
-
-
 def _block_keys(
     off: np.ndarray, length: np.ndarray, starts: np.ndarray, sizes: np.ndarray, stride: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -239,7 +244,7 @@ def align_lengths(
             s_off, t_off, s_len, t_len, len(student_bytes)
         )
     else:
-        blocks = _equal_blocks(student_bytes, teacher_bytes)
+        blocks = equal_blocks(student_bytes, teacher_bytes)
         s_chunk, t_chunk, n = _chunks_diff(s_off, t_off, s_len, t_len, blocks)
         full = False
     return Alignment(
@@ -270,21 +275,13 @@ def align(
     if native_available():
         s_chunk = np.empty(s_ids.size, dtype=np.int64)
         t_chunk = np.empty(t_ids.size, dtype=np.int64)
-        sv, tv = student_vocab, teacher_vocab
-        status, n = _dpca.align_equal(
-            s_ids,
-            t_ids,
-            sv._flat,
-            sv._start,
-            sv._len32,
-            tv._flat,
-            tv._start,
-            tv._len32,
-            s_chunk,
-            t_chunk,
+        sv, tv = student_vocab.native_tables, teacher_vocab.native_tables
+        status, n = dpca.align_equal(
+            s_ids, t_ids, sv.flat, sv.start, sv.lengths, tv.flat, tv.start, tv.lengths,
+            s_chunk, t_chunk,
         )
         if status == 1:
-            s_len, t_len = sv._len32[s_ids], tv._len32[t_ids]
+            s_len, t_len = sv.lengths[s_ids], tv.lengths[t_ids]
             return Alignment(
                 student_chunk=s_chunk,
                 teacher_chunk=t_chunk,
@@ -297,3 +294,13 @@ def align(
     s_len, s_bytes = student_vocab.spell(student_vocab.check_ids(s_ids, "student"))
     t_len, t_bytes = teacher_vocab.spell(teacher_vocab.check_ids(t_ids, "teacher"))
     return align_lengths(s_len, t_len, s_bytes, t_bytes)
+
+
+def align_text(
+    data: bytes, student_vocab: ByteVocab, teacher_vocab: ByteVocab
+) -> tuple[list[int], list[int], Alignment]:
+    """``data`` as the student would spell it (its own canonical tokenization, as if sampled),
+    the teacher ids spelling the same bytes, and their alignment."""
+    s_ids = student_vocab.encode_bytes(data)
+    t_ids = teacher_vocab.encode_bytes(student_vocab.concat_bytes(s_ids))
+    return s_ids, t_ids, align(s_ids, t_ids, student_vocab, teacher_vocab)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from crossopd.align import UNALIGNED, Alignment, align
+from crossopd.align import Alignment, align
 from crossopd.tokens import ByteVocab
 
 Message = dict[str, str]
@@ -255,35 +255,15 @@ def align_bridged(req: TeacherRequest, sv: ByteVocab, tv: ByteVocab) -> Alignmen
     no chunks at all."""
     t_scored = np.asarray(req.teacher_ids[req.response_start : req.stop_end], dtype=np.int64)
     s = req.student_response
+    s_len, t_len = sv.lengths[s], tv.lengths[t_scored]
     if req.overflow:
-        return Alignment(
-            student_chunk=np.full(s.size, UNALIGNED, np.int64),
-            teacher_chunk=np.full(t_scored.size, UNALIGNED, np.int64),
-            num_chunks=0,
-            bytes_equal=False,
-            student_lengths=sv.lengths[s],
-            teacher_lengths=tv.lengths[t_scored],
-        )
+        return Alignment.unaligned(s_len, t_len)
     n_body_t = req.response_end - req.response_start
     body = s if req.student_stop_index is None else s[: req.student_stop_index]
     a = align(body, t_scored[:n_body_t], sv, tv)
-    if req.student_stop_index is None:
-        if body.size == s.size:
-            return a
-    s_chunk = np.full(s.size, UNALIGNED, np.int64)
-    s_chunk[: body.size] = a.student_chunk
-    t_chunk = np.full(t_scored.size, UNALIGNED, np.int64)
-    t_chunk[:n_body_t] = a.teacher_chunk
-    n = a.num_chunks
+    if body.size == s.size:
+        return a
+    stop = None
     if req.student_stop_index is not None and t_scored.size > n_body_t:
-        s_chunk[req.student_stop_index] = n
-        t_chunk[n_body_t:] = n
-        n += 1
-    return Alignment(
-        student_chunk=s_chunk,
-        teacher_chunk=t_chunk,
-        num_chunks=n,
-        bytes_equal=a.bytes_equal,
-        student_lengths=sv.lengths[s],
-        teacher_lengths=tv.lengths[t_scored],
-    )
+        stop = (req.student_stop_index, n_body_t)
+    return a.extended(s_len, t_len, last_chunk=stop)

@@ -1,10 +1,9 @@
 """Checkpoints that never lose work: written to a temp dir then renamed, the last N kept, and a
 resume that restores model, optimiser, scheduler and every RNG, so a killed run continues
-exactly. Metrics files are JSON lines, truncated to the checkpoint on resume."""
+exactly."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.tokens import atomic_dir_write
+from crossopd.files import atomic_dir_write
 
 
 def _dir(out_dir: Path) -> Path:
@@ -67,29 +66,3 @@ def restore_latest(out_dir: Path, model: Any, optimizer: Any, scheduler: Any) ->
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut by a kill mid-write
-            continue
-    return rows
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep rows up to ``step``: what a killed run wrote after its last checkpoint is redone."""
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)

@@ -7,18 +7,26 @@ import json
 import sys
 from pathlib import Path
 
-from crossopd import models
+from crossopd import bundled
 
 
 def _tokenizer_help() -> str:
     return (
         "tokenizer: HF directory or hub id, .gguf, tiktoken or SentencePiece .model, Tekken "
-        f".json, or a bundled name ({', '.join(models.BUNDLED)})"
+        f".json, or a bundled name ({', '.join(bundled.BUNDLED)})"
     )
 
 
+def demo_config_path() -> Path:
+    """The shipped ``configs/demo.yaml`` (what ``crossopd demo`` runs; a config to copy)."""
+    from importlib.resources import files
+
+    return Path(str(files("crossopd").joinpath("configs", "demo.yaml")))
+
+
 def cmd_align(args: argparse.Namespace) -> int:
-    from crossopd import ByteVocab, align
+    from crossopd import ByteVocab
+    from crossopd.align import align_text
     from crossopd.view import alignment_json, chunk_rows, render_html, render_terminal
 
     if args.file is not None:
@@ -27,11 +35,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         data = args.text.encode("utf-8")
     sv = ByteVocab.from_pretrained(args.student)
     tv = ByteVocab.from_pretrained(args.teacher)
-    # The student's ids are its own tokenization of the text (as if it had sampled them); the
-    # teacher's ids spell the student's bytes exactly.
-    s_ids = sv.encode_bytes(data)
-    t_ids = tv.encode_bytes(sv.concat_bytes(s_ids))
-    a = align(s_ids, t_ids, sv, tv)
+    s_ids, t_ids, a = align_text(data, sv, tv)
     rows = chunk_rows(a, s_ids, t_ids, sv, tv)
     stats = a.stats()
     if args.html:
@@ -56,15 +60,12 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "learn":
-        from crossopd.bench_learn import bench_learn
+        from crossopd.bench.learn import bench_learn, render_learn_table
 
         preset = args.preset or ("quick" if args.quick else "full")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
         result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(render_learn_table(result))
+        print(json.dumps(result) if args.json else render_learn_table(result))
         return 0
     if args.which != "align":
         print(
@@ -72,24 +73,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from crossopd.bench import bench_align
+    from crossopd.bench.align import bench_align, render_row
 
     def progress(row: dict) -> None:
         if not args.json:
-            base = row["baseline_tok_per_s"]
-            extra = (
-                f"  baseline {base / 1e6:8.3f} M tok/s  speedup {row['speedup']:6.0f}x "
-                f"(median {row['speedup_median']:.0f}x)  "
-                f"baseline unaligned {row['baseline_unaligned_share']:.3%}"
-                if base
-                else "  (baseline not found: run from a source checkout)"
-            )
-            print(
-                f"{row['pair']:<24} {row['tokens']:>6} tok  crossopd "
-                f"{row['crossopd_tok_per_s'] / 1e6:8.2f} M tok/s  unaligned "
-                f"{row['unaligned_share']:.3%}{extra}",
-                flush=True,
-            )
+            print(render_row(row), flush=True)
 
     result = bench_align(quick=args.quick, progress=progress)
     if args.json:
@@ -97,77 +85,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_OVERRIDES = [
-    "student.model=smollm2",
-    "teacher.model=gemma3-270m",
-    "teacher.plain_template=Question: {prompt}\nAnswer:",
-    "teacher.stop=\n\nQuestion:",
-    "data.path=bundled:arith",
-    "steps=10",
-    "batch_size=8",
-    "rollout.max_new_tokens=48",
-    "optim.lr=1e-5",
-    "eval_prompts=16",
-    "output_dir=runs/demo",
-]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from crossopd.config import load_config
-    from crossopd.train import train
+    from crossopd.train import render_result, train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress and not args.json)
-    _print_result(result, args.json)
+    print(json.dumps(result) if args.json else render_result(result))
     return 0
-
-
-def _print_result(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-        return
-    before, after = result["heldout_kl_before"], result["heldout_kl_after"]
-    if before is not None:
-        print(f"held-out reverse KL per byte: {before:.4f} -> {after:.4f}")
-    if result.get("final_eval"):
-        e = result["final_eval"]
-        print(f"alignment: coverage {e['coverage']:.4f}, 1:1 chunk share "
-              f"{e['one_to_one_share']:.3f}, stop rate {e['stop_rate']:.3f}"
-              + (f", accuracy {e['accuracy']:.3f}" if "accuracy" in e else ""))
-    print(f"report: {result['report']}")
-
-
-def render_learn_table(r: dict) -> str:
-    lines = [f"preset {r['preset']}: teachers T_x {r['teachers']['teacher_x']:.3f}, "
-             f"T_s {r['teachers']['teacher_s']:.3f}; 1:1 chunk share (cross) "
-             f"{r['one_to_one_share']:.3f}",
-             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
-    for arm, a in r["arms"].items():
-        need = a.get("tokens_to_sft_final")
-        lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
-                     f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
-    ratio = r["cross_same_gain_ratio"]
-    lines.append(f"cross/same gain ratio: {'n/a' if ratio is None else f'{ratio:.2f}'}; "
-                 f"plot: {r['plot']}; {r['seconds']:.0f} s")
-    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Cross-family OPD on the bundled models: SmolLM2-135M learns from Gemma 3 270M."""
     from crossopd.config import load_config
-    from crossopd.train import train
+    from crossopd.train import render_result, train
 
-    cfg = load_config(None, DEMO_OVERRIDES + list(args.overrides))
+    cfg = load_config(demo_config_path(), list(args.overrides))
     result = train(cfg, progress=not args.json)
     out = {k: result[k] for k in ("heldout_kl_before", "heldout_kl_after", "steps", "coverage",
                                   "report")}
     if args.json:
         print(json.dumps(out))
     else:
-        _print_result(result, False)
+        print(render_result(result))
     return 0
 
 

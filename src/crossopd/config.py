@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from crossopd import bundled
 from crossopd.credit import RULES
 from crossopd.loss import LossConfig
 
@@ -193,8 +194,6 @@ def _looks_like_path(s: str) -> bool:
 
 
 def validate(cfg: TrainConfig) -> None:
-    from crossopd import models
-
     if cfg.credit_rule not in RULES:
         raise ConfigError(f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(RULES)}")
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
@@ -222,7 +221,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in (("student.model", cfg.student.model), ("teacher.model", cfg.teacher.model),
                        ("teacher.tokenizer", cfg.teacher.tokenizer),
                        ("data.path", cfg.data.path), ("data.heldout_path", cfg.data.heldout_path)):
-        if not value or value in models.BUNDLED or value.startswith("bundled:"):
+        if not value or value in bundled.BUNDLED or value.startswith("bundled:"):
             continue
         if _looks_like_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value} does not exist")

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crossopd.align import Alignment, _dpca, native_available
+from crossopd._native import dpca, native_available
+from crossopd.align import Alignment
 
 Rule = Literal["proportional", "uniform", "last"]
 RULES: tuple[str, ...] = ("proportional", "uniform", "last")  # order = native rule code
@@ -81,7 +82,7 @@ def assign_credit(
     n = alignment.num_chunks
     if alignment.fully_aligned and not torch_mode and native_available():
         out = np.empty(s_lp.shape, dtype=np.float64)
-        _dpca.credit_full(
+        dpca.credit_full(
             s_chunk,
             t_chunk,
             np.ascontiguousarray(s_lp),

@@ -11,14 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from crossopd.align import align
+from crossopd.align import align_text
 from crossopd.bridge import (
     DEFAULT_PLAIN_STOP,
     DEFAULT_PLAIN_TEMPLATE,
     ChatFormat,
     TemplateError,
 )
-from crossopd.tokens import ByteVocab
+from crossopd.hub import load_hf_tokenizer
+from crossopd.tokens import ByteVocab, UnsupportedTokenizerError
 
 SAMPLE_TEXTS = (
     "The answer is 42. First, 17 + 25 = 42; then we check it twice.",
@@ -36,8 +37,6 @@ SAMPLE_CONVERSATION = [
 
 def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
           plain_template: str | None, stop: str | None) -> tuple[dict, ChatFormat | None]:
-    from crossopd.loaders import load_hf_tokenizer
-    from crossopd.tokens import UnsupportedTokenizerError
 
     info: dict[str, Any] = {"kind": vocab.kind, "vocab_size": vocab.vocab_size,
                             "end_of_turn": None, "dummy_prefix": vocab.dummy_prefix,
@@ -77,9 +76,7 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
     samples = []
     for text in SAMPLE_TEXTS:
         data = text.encode("utf-8")
-        s_ids = sv.encode_bytes(data)
-        t_ids = tv.encode_bytes(sv.concat_bytes(s_ids))
-        a = align(s_ids, t_ids, sv, tv)
+        s_ids, t_ids, a = align_text(data, sv, tv)
         round_trip = {"student": sv.concat_bytes(s_ids) == data,
                       "teacher": tv.concat_bytes(tv.encode_bytes(data)) == data}
         for role, ok in round_trip.items():

@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from crossopd.checkpoint import read_jsonl
+from crossopd.files import read_jsonl
 
 
 def _plot(path: Path, title: str, series: list[tuple[str, list, list]], ylabel: str) -> bool:

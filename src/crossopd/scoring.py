@@ -41,6 +41,23 @@ def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped so each padded batch (rows x longest row) stays within ``max_tokens``;
+    similar lengths go together so there is little padding. A row longer than the budget gets
+    a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:  # ascending, so lengths[i] is the width of the batch it joins
+        if cur and lengths[i] * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def score_sequences(
     model: Any,
     sequences: Sequence[Sequence[int]],
@@ -56,16 +73,7 @@ def score_sequences(
     Sequences are batched by length (right padding, so positions are 0..n-1 in every row)."""
     device = next(model.parameters()).device
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches: list[list[int]] = [[]]
-    for i in order:  # similar lengths together: little padding
-        cur = batches[-1]
-        if cur and len(sequences[i]) * (len(cur) + 1) > max_batch_tokens:
-            batches.append([])
-        batches[-1].append(i)
-    for batch in batches:
-        if not batch:
-            continue
+    for batch in token_budget_batches([len(s) for s in sequences], max_batch_tokens):
         length = max(len(sequences[i]) for i in batch)
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.long)

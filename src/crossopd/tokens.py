@@ -12,59 +12,27 @@ Supported kinds:
 - ``sentencepiece``: a SentencePiece ``.model`` file
 - ``tiktoken``: a tiktoken BPE rank file or ``tiktoken.Encoding`` (Llama 3/4, cl100k ...)
 - ``tekken``: a Mistral Tekken JSON file
-GGUF files load through transformers (``gguf`` package) and the converted tokenizer is cached on
-disk, because the conversion costs seconds to tens of seconds.
+Reading each kind into tables lives in ``crossopd.vocabs``; ``ByteVocab.from_pretrained`` is the
+one entry point into it.
 """
 
 from __future__ import annotations
 
-import base64
-import copy
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["ByteVocab", "UnsupportedTokenizerError", "cache_dir"]
+from crossopd import vocabs
+from crossopd.bytediff import equal_blocks
+from crossopd.vocabs import UnsupportedTokenizerError
 
+__all__ = ["ByteVocab", "NativeTables", "UnsupportedTokenizerError"]
 
-class UnsupportedTokenizerError(ValueError):
-    """The tokenizer cannot be mapped to exact bytes per token id."""
-
-
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SURROGATE_RUNS = re.compile(r"([\udc80-\udcff]+)")
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode table used by byte-level BPE vocabularies."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def cache_dir() -> Path:
-    """Where converted tokenizers live (``$CROSSOPD_CACHE``, default ``~/.cache/crossopd``)."""
-    return Path(os.environ.get("CROSSOPD_CACHE", Path.home() / ".cache" / "crossopd"))
 
 
 @dataclass(frozen=True)
@@ -73,6 +41,14 @@ class _Tables:
     start: np.ndarray  # int64 [V], offset of each token in ``flat``
     lengths: np.ndarray  # int64 [V]
     special: np.ndarray  # bool [V], no text bytes (control, unknown, unused, special)
+
+
+class NativeTables(NamedTuple):
+    """The per-vocabulary arrays the compiled DPCA reads (contiguous, fixed dtypes)."""
+
+    flat: np.ndarray  # uint8
+    start: np.ndarray  # int64 [V]
+    lengths: np.ndarray  # int32 [V]
 
 
 def _build_tables(pieces: Sequence[bytes | None]) -> _Tables:
@@ -129,16 +105,22 @@ class ByteVocab:
         ``tiktoken.Encoding``; a ``sentencepiece.SentencePieceProcessor``; a Hugging Face tokenizer
         directory or hub id; a ``.gguf`` file; a tiktoken rank file (Llama 3/4 ``tokenizer.model``,
         ``*.tiktoken``); a SentencePiece ``.model`` file; a Mistral Tekken ``.json``; or a bundled
-        model name (see ``crossopd.models``).
+        model name (see ``crossopd.bundled``).
         """
-        from crossopd import loaders
-
-        return loaders.load_byte_vocab(src)
+        if isinstance(src, ByteVocab):
+            return src
+        spec = vocabs.read_vocab(src)
+        return cls(spec.pieces, spec.encode_text, spec.decode, kind=spec.kind, name=spec.name,
+                   dummy_prefix=spec.dummy_prefix, unk_id=spec.unk_id, backend=spec.backend)
 
     # ------------------------------------------------------------------ per-sequence views
     @property
     def vocab_size(self) -> int:
         return int(self.lengths.size)
+
+    @property
+    def native_tables(self) -> NativeTables:
+        return NativeTables(self._flat, self._start, self._len32)
 
     @property
     def fingerprint(self) -> str:
@@ -233,14 +215,12 @@ class ByteVocab:
 
     def _repair(self, ids: list[int], data: bytes) -> list[int]:
         """Keep the tokens that spell unchanged stretches; byte-spell the normalised ones."""
-        from crossopd.align import _equal_blocks
-
         arr = np.asarray(ids, dtype=np.int64)
         got = self.concat_bytes(arr)
         off = np.concatenate(([0], np.cumsum(self.lengths[arr])))
         out: list[int] = []
         pos = 0  # next byte of ``data`` to spell
-        for g0, d0, size in _equal_blocks(got, data).tolist():
+        for g0, d0, size in equal_blocks(got, data).tolist():
             # tokens lying fully inside this equal block of ``got``
             lo = int(np.searchsorted(off, g0, side="left"))
             hi = int(np.searchsorted(off, g0 + size, side="right")) - 1
@@ -255,172 +235,3 @@ class ByteVocab:
 
     def __repr__(self) -> str:
         return f"ByteVocab(kind={self.kind!r}, name={self.name!r}, vocab_size={self.vocab_size})"
-
-
-# ---------------------------------------------------------------------- table builders per kind
-def pieces_from_hf(tokenizer_json: dict, vocab_size: int) -> tuple[str, list[bytes | None], bool]:
-    """(kind, pieces, dummy_prefix) from a ``tokenizers`` JSON document."""
-    model = tokenizer_json.get("model") or {}
-    mtype = model.get("type")
-    types = _component_types(tokenizer_json)
-    if mtype in ("WordPiece", "WordLevel"):
-        raise UnsupportedTokenizerError(
-            f"{mtype} tokenizers are not supported: their pre-tokenizer drops whitespace (and "
-            "WordPiece's '##' pieces plus lowercasing normalisers lose bytes), so ids cannot be "
-            "mapped to exact bytes. Use a byte-level BPE, SentencePiece or tiktoken tokenizer."
-        )
-    if "ByteLevel" in types:
-        kind = "byte_level"
-    elif "Metaspace" in types or _replaces_space(tokenizer_json) or model.get("byte_fallback"):
-        kind = "metaspace"
-    else:
-        raise UnsupportedTokenizerError(
-            f"cannot map a {mtype} tokenizer with components {sorted(types)} to exact bytes: "
-            "neither byte-level (ByteLevel) nor SentencePiece-style (Metaspace / '▁')."
-        )
-    if mtype == "Unigram":
-        id_to_tok = {i: p[0] for i, p in enumerate(model["vocab"])}
-    else:
-        id_to_tok = {i: t for t, i in model["vocab"].items()}
-    pieces: list[bytes | None] = [None] * vocab_size
-    if kind == "byte_level":
-        table = _unicode_to_byte()
-        for i, tok in id_to_tok.items():
-            if i < vocab_size:
-                try:
-                    pieces[i] = bytes(table[c] for c in tok)
-                except KeyError:  # not a byte-level string: treat as literal text
-                    pieces[i] = tok.encode("utf-8")
-    else:
-        byte_fallback = bool(model.get("byte_fallback"))
-        unk = model.get("unk_token")
-        for i, tok in id_to_tok.items():
-            if i >= vocab_size:
-                continue
-            m = _BYTE_TOKEN.match(tok)
-            if m and byte_fallback:
-                pieces[i] = bytes([int(m.group(1), 16)])
-            elif tok == unk:
-                pieces[i] = None
-            else:
-                pieces[i] = tok.replace("▁", " ").encode("utf-8")
-    for added in tokenizer_json.get("added_tokens", []):
-        i = added["id"]
-        if i < vocab_size:
-            pieces[i] = None if added.get("special") else added["content"].encode("utf-8")
-    return kind, pieces, _has_dummy_prefix(tokenizer_json)
-
-
-def _walk(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
-def _component_types(doc: dict) -> set[str]:
-    return {
-        n["type"]
-        for key in ("normalizer", "pre_tokenizer", "decoder")
-        for n in _walk(doc.get(key))
-        if isinstance(n.get("type"), str)
-    }
-
-
-def _replaces_space(doc: dict) -> bool:
-    return any(
-        n.get("type") == "Replace" and n.get("content") in ("▁", " ")
-        for key in ("normalizer", "decoder")
-        for n in _walk(doc.get(key))
-    )
-
-
-def _has_dummy_prefix(doc: dict) -> bool:
-    for key in ("normalizer", "pre_tokenizer"):
-        for n in _walk(doc.get(key)):
-            if n.get("type") == "Prepend":
-                return True
-            if n.get("type") == "Metaspace" and (
-                n.get("prepend_scheme") in ("always", "first") or n.get("add_prefix_space")
-            ):
-                return True
-    return False
-
-
-def in_context_encoder_json(doc: dict) -> dict:
-    """A copy of a ``tokenizers`` JSON that encodes text exactly as it reads mid-context.
-
-    Drops the dummy-prefix space (``Prepend`` normaliser, Metaspace prepend scheme, ByteLevel
-    ``add_prefix_space``) and the post-processor (BOS/EOS insertion).
-    """
-    # Only the small components change; the (huge) model section is shared, not copied.
-    doc = {**doc, **{k: copy.deepcopy(doc.get(k)) for k in ("normalizer", "pre_tokenizer")}}
-    for key in ("normalizer", "pre_tokenizer"):
-        node = doc.get(key)
-        if isinstance(node, dict) and node.get("type") == "Prepend":
-            doc[key] = None
-            continue
-        for n in _walk(node):
-            if isinstance(n.get("normalizers"), list):
-                n["normalizers"] = [m for m in n["normalizers"] if m.get("type") != "Prepend"]
-            if n.get("type") == "Metaspace":
-                n["prepend_scheme"] = "never"
-                if "add_prefix_space" in n:
-                    n["add_prefix_space"] = False
-            if n.get("type") == "ByteLevel":
-                n["add_prefix_space"] = False
-    doc["post_processor"] = None
-    return doc
-
-
-def pieces_from_sentencepiece(model_proto: Any) -> tuple[list[bytes | None], int | None]:
-    """Pieces from a SentencePiece ModelProto (types: 1 normal, 2 unknown, 3 control,
-    4 user-defined, 5 unused, 6 byte)."""
-    pieces: list[bytes | None] = []
-    unk_id = None
-    for i, p in enumerate(model_proto.pieces):
-        if p.type == 6:
-            m = _BYTE_TOKEN.match(p.piece)
-            pieces.append(bytes([int(m.group(1), 16)]) if m else None)
-        elif p.type in (2, 3, 5):
-            pieces.append(None)
-            if p.type == 2:
-                unk_id = i
-        else:
-            pieces.append(p.piece.replace("▁", " ").encode("utf-8"))
-    return pieces, unk_id
-
-
-def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
-
-
-def file_digest(path: Path) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
-
-
-def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory via a temp sibling then rename, so a killed writer leaves no half cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target

@@ -14,6 +14,17 @@ import numpy as np
 import torch
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with every prompt right-aligned, as ``generate`` needs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def sample(
     model: Any,
@@ -30,12 +41,8 @@ def sample(
     out: list[np.ndarray] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):] = torch.as_tensor(list(p))
-            mask[r, width - len(p):] = 1
+        ids, mask = left_pad(chunk, pad_id)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,

@@ -39,7 +39,7 @@ class HFTeacher:
     @classmethod
     def from_pretrained(cls, src: Any, device: str | None = None, dtype: Any = None,
                         **kwargs: Any) -> HFTeacher:
-        from crossopd.loaders import load_hf_model
+        from crossopd.hub import load_hf_model
 
         return cls(load_hf_model(src, dtype=dtype, device=device or default_device()), **kwargs)
 

@@ -15,10 +15,10 @@ over several seeds. Teachers are trained once and cached on disk.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,166 +27,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.bridge import ChatFormat, TeacherContext
-from crossopd.config import TrainConfig
-from crossopd.data import Example
-from crossopd.tokens import ByteVocab, atomic_dir_write, cache_dir
+from crossopd.bench.learn_task import (
+    accuracy,
+    encode_pair,
+    generate_texts,
+    make_split,
+    new_model,
+    supervised_train,
+    train_student_tokenizer,
+    train_teacher_tokenizer,
+)
+from crossopd.config import RolloutConfig
+from crossopd.files import atomic_dir_write, cache_dir
+from crossopd.loss import LossConfig
+from crossopd.opd import Components, rollout_and_score, update
+from crossopd.prompts import Example
+from crossopd.teachers.hf import HFTeacher
 
 ARMS = ("untrained", "sft", "opd_cross_proportional", "opd_cross_uniform", "opd_cross_last",
         "opd_same")
-
-
-# ------------------------------------------------------------------------------------ the task
-def make_problem(rng: random.Random, digits: int = 2) -> tuple[str, str, int]:
-    """(prompt, worked solution, answer) for a three-term addition."""
-    lo, hi = 10 ** (digits - 1), 10**digits - 1
-    a, b, c = (rng.randint(lo, hi) for _ in range(3))
-    s = a + b
-    return f"{a}+{b}+{c}=", f"{a}+{b}={s},{s}+{c}={s + c}", s + c
-
-
-_FINAL = re.compile(r"=(\d+)\s*$")
-
-
-def check_answer(response: str, answer: int) -> bool:
-    """Exact: the response's last ``=N`` must be the answer (nothing may follow but spaces)."""
-    m = _FINAL.search(response)
-    return m is not None and int(m.group(1)) == answer
-
-
-def make_split(n: int, seed: int, exclude: set[str] = frozenset(), digits: int = 2):
-    rng = random.Random(seed)
-    out, seen = [], set(exclude)
-    while len(out) < n:
-        p = make_problem(rng, digits)
-        if p[0] not in seen:
-            seen.add(p[0])
-            out.append(p)
-    return out
-
-
-# ------------------------------------------------------------------------------ tokenizers
-TEMPLATE = "{{ messages[-1]['content'] }}"  # the prompt is the problem text itself
-
-
-def _wrap(tok_obj: Any) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    t = PreTrainedTokenizerFast(tokenizer_object=tok_obj, eos_token="</s>", pad_token="<pad>",
-                                unk_token="<unk>")
-    t.chat_template = TEMPLATE
-    return t
-
-
-def train_teacher_tokenizer(corpus: list[str], vocab_size: int = 300) -> Any:
-    """Byte-level BPE without the split regex: merges run across digits, so numbers become
-    multi-digit tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return _wrap(tok)
-
-
-def train_student_tokenizer(corpus: list[str], vocab_size: int = 120) -> Any:
-    """SentencePiece-style BPE (``▁`` for space) with byte fallback; digits always split."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size + 256, special_tokens=["<pad>", "</s>", "<unk>", *byte_tokens]))
-    # the byte pieces belong to the model vocabulary (byte fallback), not to the special tokens
-    doc = json.loads(tok.to_str())
-    doc["added_tokens"] = [a for a in doc["added_tokens"] if a["content"] not in byte_tokens]
-    return _wrap(Tokenizer.from_str(json.dumps(doc)))
-
-
-# ------------------------------------------------------------------------------ models
-def new_model(vocab_size: int, seed: int, width: int, layers: int) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=width, n_layer=layers,
-                     n_head=4, bos_token_id=1, eos_token_id=1, pad_token_id=0,
-                     tie_word_embeddings=True)
-    return GPT2LMHeadModel(cfg)
-
-
-def encode_pair(tok: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return p, r
-
-
-def supervised_train(model: Any, pairs: list[tuple[list[int], list[int]]], steps: int,
-                     lr: float, batch: int, seed: int) -> int:
-    """Cross-entropy on response tokens (prompt masked). Returns response tokens trained on."""
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    model.train()
-    seen = 0
-    for _ in range(steps):
-        idx = rng.integers(0, len(pairs), size=batch)
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.zeros((batch, width), dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p, resp = pairs[i]
-            ids[r, : len(p) + len(resp)] = torch.tensor(p + resp)
-            labels[r, len(p): len(p) + len(resp)] = torch.tensor(resp)
-            mask[r, : len(p) + len(resp)] = 1
-            seen += len(resp)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    return seen
-
-
-@torch.inference_mode()
-def generate_texts(model: Any, tok: Any, prompts: list[str], max_new_tokens: int,
-                   sample: bool) -> list[str]:
-    """Continuations of ``prompts`` (greedy, or sampled from the full distribution), cut at EOS."""
-    texts = []
-    for lo in range(0, len(prompts), 64):
-        ids_list = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[lo: lo + 64]]
-        width = max(map(len, ids_list))
-        ids = torch.zeros((len(ids_list), width), dtype=torch.long)
-        mask = torch.zeros((len(ids_list), width), dtype=torch.long)
-        for r, p in enumerate(ids_list):  # left padding for generation
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        extra = {"do_sample": True, "top_k": 0} if sample else {"do_sample": False}
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             **extra)
-        for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts
-
-
-def accuracy(model: Any, tok: Any, problems: list[tuple[str, str, int]],
-             max_new_tokens: int = 24) -> float:
-    """Greedy decoding, exact answer check."""
-    texts = generate_texts(model, tok, [p[0] for p in problems], max_new_tokens, sample=False)
-    return sum(check_answer(t, p[2]) for t, p in zip(texts, problems)) / len(problems)
 
 
 # ------------------------------------------------------------------------------ presets
@@ -267,31 +126,17 @@ def _pretrain(out: Path, tok: Any, train, preset: Preset, steps: int, seed: int,
     progress(f"pretrained {label} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
 
 
-def _components(student: Any, s_tok: Any, teacher: Any, t_tok: Any):
-    from crossopd.teachers.hf import HFTeacher
-    from crossopd.train import Components
-
-    return Components(student, ChatFormat.from_tokenizer(s_tok), ByteVocab.from_pretrained(s_tok),
-                      HFTeacher(teacher), ChatFormat.from_tokenizer(t_tok),
-                      ByteVocab.from_pretrained(t_tok), TeacherContext(),
-                      s_tok.pad_token_id, torch.device("cpu"))
-
-
 def _curve_points(preset: Preset) -> list[int]:
     return [round(preset.budget_tokens * (k + 1) / preset.evals) for k in range(preset.evals)]
 
 
 def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int,
             train_set, test_set) -> dict:
-    from crossopd.train import rollout_and_score, update
-
     student, s_tok = models["student"]
-    student = _clone(student)
+    student = copy.deepcopy(student)
     teacher, t_tok = models[teacher_key]
-    c = _components(student, s_tok, teacher, t_tok)
-    cfg = TrainConfig(credit_rule=rule, batch_size=preset.opd_batch)
-    cfg.rollout.max_new_tokens = preset.max_new_tokens
-    cfg.optim.lr = preset.opd_lr
+    c = Components.from_tokenizers(student, s_tok, HFTeacher(teacher), t_tok)
+    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
     opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(seed)
@@ -300,8 +145,8 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int
     while tokens < preset.budget_tokens:
         batch = [Example([{"role": "user", "content": p}], str(a))
                  for p, _, a in rng.sample(train_set, preset.opd_batch)]
-        scored = rollout_and_score(c, batch, cfg, samples_per_prompt=1)
-        update(c, scored, opt, sched, cfg)
+        scored = rollout_and_score(c, batch, rollout, credit_rule=rule)
+        update(c, scored, opt, sched, LossConfig())
         tokens += int(scored.stats["response_tokens"])
         shares.append(scored.stats["one_to_one_share"])
         while points and tokens >= points[0]:
@@ -325,7 +170,7 @@ def teacher_samples(models: dict, preset: Preset, seed: int, train_set) -> list[
 def run_sft(models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
     """Cross-entropy on T_x's own samples, re-spelled in the student's tokenization."""
     student, s_tok = models["student"]
-    student = _clone(student)
+    student = copy.deepcopy(student)
     pairs = []
     for prob, text in teacher_samples(models, preset, seed, train_set):
         p_ids, r_ids = encode_pair(s_tok, prob[0], text)
@@ -346,7 +191,7 @@ def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
     the sorted teacher and student next-token distributions, position k against position k of
     each side's own tokenization (truncated to the shorter), vocabularies zero-padded."""
     student, s_tok = models["student"]
-    student = _clone(student)
+    student = copy.deepcopy(student)
     teacher, t_tok = models["teacher_x"]
     data = []
     for prob, text in teacher_samples(models, preset, seed, train_set):
@@ -385,12 +230,6 @@ def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
             points.pop(0)
     student.eval()
     return {"acc": curve[-1][1], "tokens": tokens, "curve": curve}
-
-
-def _clone(model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
@@ -486,3 +325,18 @@ def _plot(runs: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def render_learn_table(r: dict) -> str:
+    lines = [f"preset {r['preset']}: teachers T_x {r['teachers']['teacher_x']:.3f}, "
+             f"T_s {r['teachers']['teacher_s']:.3f}; 1:1 chunk share (cross) "
+             f"{r['one_to_one_share']:.3f}",
+             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
+    for arm, a in r["arms"].items():
+        need = a.get("tokens_to_sft_final")
+        lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
+                     f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
+    ratio = r["cross_same_gain_ratio"]
+    lines.append(f"cross/same gain ratio: {'n/a' if ratio is None else f'{ratio:.2f}'}; "
+                 f"plot: {r['plot']}; {r['seconds']:.0f} s")
+    return "\n".join(lines)

@@ -1,22 +1,21 @@
 """``crossopd bench align``: alignment + credit throughput against the decode-based baseline.
 
-The baseline lives in ``benchmarks/decode_baseline.py`` of a source checkout (it is not part of
-the library). Numbers are student tokens per second in one process, best of repeated runs for
-both sides (medians reported too); the inputs are real tokenizations of mixed-language text.
+The baseline (``crossopd.bench.decode_baseline``) follows the paper's description of a
+decode-based aligner; it is a benchmark reference, not part of the library API. Numbers are
+student tokens per second in one process, best of repeated runs for both sides (medians reported
+too); the inputs are real tokenizations of mixed-language text.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 import random
 import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from crossopd.align import align
+from crossopd.bench import decode_baseline
 from crossopd.credit import assign_credit
 from crossopd.tokens import ByteVocab
 
@@ -64,16 +63,6 @@ def sample_response(sv: ByteVocab, n_tokens: int, seed: int = 0) -> np.ndarray:
         n_chars *= 2
 
 
-def _load_baseline() -> Any | None:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_baseline.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("crossopd_decode_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _in_context_decode(v: ByteVocab):
     """The tokenizer's decode, with the dummy-prefix space SentencePiece drops put back (a
     baseline that skipped this would lose every chunk after the first on Mistral/Llama 2)."""
@@ -100,9 +89,9 @@ def _times(fn, min_repeats: int, min_seconds: float, max_repeats: int = 10_000) 
     return np.asarray(times)
 
 
-def bench_align(quick: bool = False, pairs=PAIRS, sizes=None, progress=None) -> dict:
+def bench_align(quick: bool = False, pairs=PAIRS, sizes=None, progress=None,
+                with_baseline: bool = True) -> dict:
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
-    baseline = _load_baseline()
     rng = np.random.default_rng(0)
     results = []
     vocabs: dict[str, ByteVocab] = {}
@@ -143,14 +132,14 @@ def bench_align(quick: bool = False, pairs=PAIRS, sizes=None, progress=None) -> 
                 "speedup": None,
                 "speedup_median": None,
             }
-            if baseline is not None:
+            if with_baseline:
                 s_list, t_list = s_ids.tolist(), t_ids.tolist()
                 box: dict = {}
 
                 s_dec, t_dec = _in_context_decode(sv), _in_context_decode(tv)
 
                 def base(s_list=s_list, t_list=t_list, s_dec=s_dec, t_dec=t_dec, box=box):
-                    box["r"] = baseline.decode_align(s_list, t_list, s_dec, t_dec)
+                    box["r"] = decode_baseline.decode_align(s_list, t_list, s_dec, t_dec)
 
                 base()  # warm-up: lazily built decoders are not the baseline's cost
 
@@ -173,8 +162,25 @@ def bench_align(quick: bool = False, pairs=PAIRS, sizes=None, progress=None) -> 
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
-        "baseline": "benchmarks/decode_baseline.py (decode-based, paper's description)"
-        if baseline is not None
+        "baseline": "crossopd.bench.decode_baseline (decode-based, paper's description)"
+        if with_baseline
         else None,
         "results": results,
     }
+
+
+def render_row(row: dict) -> str:
+    """One terminal line per (pair, size) while the benchmark runs."""
+    base = row["baseline_tok_per_s"]
+    extra = (
+        f"  baseline {base / 1e6:8.3f} M tok/s  speedup {row['speedup']:6.0f}x "
+        f"(median {row['speedup_median']:.0f}x)  "
+        f"baseline unaligned {row['baseline_unaligned_share']:.3%}"
+        if base
+        else ""
+    )
+    return (
+        f"{row['pair']:<24} {row['tokens']:>6} tok  crossopd "
+        f"{row['crossopd_tok_per_s'] / 1e6:8.2f} M tok/s  unaligned "
+        f"{row['unaligned_share']:.3%}{extra}"
+    )

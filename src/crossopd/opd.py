@@ -1,0 +1,311 @@
+"""One OPD step as a library: sample from the student, score with a teacher of another family,
+align, assign credit, and take a PPO-clip step on the per-token reverse-KL advantage.
+
+Every engine builds on these functions: the native recipe (``crossopd.train``), the benchmarks
+and the TRL integration. Each takes the config sections it uses, never a whole run config, and
+holds no trainer-framework types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossopd.bridge import (
+    ChatFormat,
+    TeacherContext,
+    TeacherRequest,
+    align_bridged,
+    build_teacher_request,
+)
+from crossopd.config import RolloutConfig
+from crossopd.credit import assign_credit
+from crossopd.loss import LossConfig, advantages, policy_loss
+from crossopd.prompts import Example
+from crossopd.rollout.hf import sample
+from crossopd.scoring import score_sequences, token_budget_batches
+from crossopd.teachers import Teacher
+from crossopd.tokens import ByteVocab
+
+TIMING_PREFIX = "time/"
+
+
+@dataclass
+class Components:
+    """The student, the teacher, and each side's prompt format and byte view."""
+
+    student: Any
+    student_fmt: ChatFormat
+    sv: ByteVocab
+    teacher: Teacher
+    teacher_fmt: ChatFormat
+    tv: ByteVocab
+    context: TeacherContext
+    pad_id: int
+    device: torch.device
+
+    @classmethod
+    def from_tokenizers(
+        cls,
+        student: Any,
+        student_tokenizer: Any,
+        teacher: Teacher,
+        teacher_tokenizer: Any,
+        *,
+        student_fmt: ChatFormat | None = None,
+        teacher_fmt: ChatFormat | None = None,
+        context: TeacherContext | None = None,
+    ) -> Components:
+        """From loaded models and their Hugging Face tokenizers (chat templates included); the
+        formats default to each tokenizer's own chat template."""
+        tok = student_tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(
+            student=student,
+            student_fmt=student_fmt or ChatFormat.from_tokenizer(tok),
+            sv=ByteVocab.from_pretrained(tok),
+            teacher=teacher,
+            teacher_fmt=teacher_fmt or ChatFormat.from_tokenizer(teacher_tokenizer),
+            tv=ByteVocab.from_pretrained(teacher_tokenizer),
+            context=context or TeacherContext(),
+            pad_id=int(pad or 0),
+            device=next(student.parameters()).device,
+        )
+
+
+@dataclass
+class Scored:
+    """Rollouts of one step with everything the update needs."""
+
+    sequences: list[list[int]]  # student prompt + response
+    spans: list[tuple[int, int]]  # response positions in ``sequences``
+    old_logps: list[torch.Tensor]
+    targets: list[torch.Tensor]  # credit q per response token, NaN where no signal
+    stats: dict[str, float]
+
+
+class StepStats:
+    """Alignment and signal statistics over the rollouts of one step (or one evaluation).
+
+    Every token that gets no signal is counted under the reason why: unaligned bytes, masked
+    special tokens, or a sequence that overflowed the teacher's context."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = dict.fromkeys(
+            ("sequences", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
+             "unaligned_tokens", "masked_special", "stop_chunks", "stopped", "overflowed",
+             "signal_tokens", "kl_sum"), 0.0)
+
+    def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q: np.ndarray) -> None:
+        c, counts = self.totals, a.counts
+        c["sequences"] += 1
+        c["tokens"] += len(logps)
+        c["bytes"] += counts["student_bytes"]
+        c["aligned_bytes"] += counts["aligned_student_bytes"] if not req.overflow else 0
+        c["chunks"] += a.num_chunks
+        c["one_to_one"] += counts["one_to_one_chunks"]
+        c["unaligned_tokens"] += counts["unaligned_student_tokens"]
+        stop = req.student_stop_index is not None and not req.overflow
+        c["masked_special"] += counts["special_student_tokens"] - int(stop)
+        c["stop_chunks"] += int(stop)
+        c["stopped"] += int(req.student_stop_index is not None)
+        c["overflowed"] += int(req.overflow)
+        ok = ~np.isnan(q)
+        c["signal_tokens"] += int(ok.sum())
+        c["kl_sum"] += float((logps[ok] - q[ok]).sum())
+
+    def result(self) -> dict[str, float]:
+        c = self.totals
+        return {
+            "kl_per_token": c["kl_sum"] / max(c["signal_tokens"], 1),
+            "kl_per_byte": c["kl_sum"] / max(c["aligned_bytes"], 1),
+            "coverage": c["aligned_bytes"] / max(c["bytes"], 1),
+            "one_to_one_share": c["one_to_one"] / max(c["chunks"], 1),
+            "unaligned_tokens": c["unaligned_tokens"],
+            "masked_special_tokens": c["masked_special"],
+            "stop_chunks": c["stop_chunks"],
+            "stop_rate": c["stopped"] / max(c["sequences"], 1),
+            "overflowed_sequences": c["overflowed"],
+            "response_tokens": c["tokens"],
+            "signal_tokens": c["signal_tokens"],
+        }
+
+
+# ------------------------------------------------------------------------------- rollout + score
+def sample_rollouts(
+    c: Components, examples: Sequence[Example], rollout: RolloutConfig
+) -> tuple[list[Example], list[list[int]], list[np.ndarray]]:
+    """(examples, student prompt ids, sampled response ids), ``samples_per_prompt`` each."""
+    exs = [e for e in examples for _ in range(rollout.samples_per_prompt)]
+    prompts = [c.student_fmt.prompt_ids(e.messages) for e in exs]
+    responses = sample(c.student, prompts, max_new_tokens=rollout.max_new_tokens,
+                       temperature=rollout.temperature, top_p=rollout.top_p,
+                       stop_ids=c.student_fmt.stop_ids, pad_id=c.pad_id)
+    return exs, prompts, responses
+
+
+def score_rollouts(
+    c: Components,
+    examples: Sequence[Example],
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[np.ndarray],
+    *,
+    credit_rule: str,
+    max_batch_tokens: int,
+    old_logps: Sequence[torch.Tensor] | None = None,
+) -> Scored:
+    """Teacher scoring, alignment and credit for sampled responses (from any rollout engine).
+
+    ``old_logps`` are the student's rollout-time log-probs of each response token; when not
+    given they are computed here with the student."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reqs: list[TeacherRequest] = [
+        build_teacher_request(e.messages, r, c.student_fmt, c.teacher_fmt, c.sv, c.tv,
+                              context=c.context, reference=e.reference)
+        for e, r in zip(examples, responses)
+    ]
+    live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
+    t_logps = c.teacher.score([reqs[i].teacher_ids for i in live],
+                              [reqs[i].scored_span for i in live]) if live else []
+    teacher_lp = dict(zip(live, t_logps))
+    times["teacher"] = time.perf_counter() - t0
+
+    sequences = [list(p) + np.asarray(r).tolist() for p, r in zip(prompts, responses)]
+    spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
+    t0 = time.perf_counter()
+    if old_logps is None:
+        with torch.no_grad():
+            old_logps = score_sequences(c.student, sequences, spans,
+                                        max_batch_tokens=max_batch_tokens, pad_id=c.pad_id)
+    old = [o.detach().double().cpu() for o in old_logps]
+    times["student_logps"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    targets, stats = [], StepStats()
+    for i, (req, lp) in enumerate(zip(reqs, old)):
+        a = align_bridged(req, c.sv, c.tv)
+        if i in teacher_lp:
+            q = assign_credit(a, teacher_lp[i], lp.numpy(), rule=credit_rule)
+        else:
+            q = np.full(len(lp), np.nan)
+        targets.append(torch.from_numpy(np.asarray(q, dtype=np.float64)))
+        stats.add(a, req, lp.numpy(), q)
+    times["align_credit"] = time.perf_counter() - t0
+    out = stats.result()
+    add_timings(out, times, sum(len(r) for r in responses))
+    return Scored(sequences, spans, old, targets, out)
+
+
+def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -> None:
+    """``time/<phase>_s`` and ``time/<phase>_tok_per_s`` (student tokens) for each phase."""
+    for k, v in times.items():
+        stats[f"{TIMING_PREFIX}{k}_s"] = v
+        stats[f"{TIMING_PREFIX}{k}_tok_per_s"] = tokens / v if v > 0 else 0.0
+
+
+def rollout_and_score(
+    c: Components,
+    examples: Sequence[Example],
+    rollout: RolloutConfig,
+    *,
+    credit_rule: str = "proportional",
+    max_batch_tokens: int = 8192,
+) -> Scored:
+    """One step's data: HF ``generate`` rollouts, then ``score_rollouts``."""
+    t0 = time.perf_counter()
+    exs, prompts, responses = sample_rollouts(c, examples, rollout)
+    t_rollout = time.perf_counter() - t0
+    scored = score_rollouts(c, exs, prompts, responses, credit_rule=credit_rule,
+                            max_batch_tokens=max_batch_tokens)
+    add_timings(scored.stats, {"rollout": t_rollout}, int(scored.stats["response_tokens"]))
+    return scored
+
+
+# ------------------------------------------------------------------------------- update
+def update(
+    c: Components,
+    s: Scored,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_cfg: LossConfig,
+    *,
+    grad_clip: float = 1.0,
+    epochs: int = 1,
+    max_batch_tokens: int = 8192,
+) -> dict[str, float]:
+    """PPO-clip over the step's rollouts, in token-budgeted micro-batches (gradient
+    accumulation weighted so the result is the token mean over the whole step)."""
+    mask_all = [torch.ones(len(t), dtype=torch.bool) for t in s.targets]
+    advs = [advantages(q, o, m, loss_cfg.adv_clamp) for q, o, m in
+            zip(s.targets, s.old_logps, mask_all)]
+    total_valid = sum(int(v.sum()) for _, v in advs)
+    out = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    all_adv = torch.cat([a[v] for a, v in advs]) if total_valid else torch.zeros(1)
+    out.update(adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if
+               all_adv.numel() > 1 else 0.0, adv_abs_max=float(all_adv.abs().max()))
+    if total_valid == 0:
+        return out
+    micro = token_budget_batches([len(x) for x in s.sequences], max_batch_tokens)
+    # The student stays in eval mode: with dropout active the update would score the rollout
+    # under a different policy than the one that produced old_logps (ratio != 1 on-policy).
+    for _ in range(epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, clip_sum = 0.0, 0.0
+        for mb in micro:
+            logps = score_sequences(c.student, [s.sequences[i] for i in mb],
+                                    [s.spans[i] for i in mb], pad_id=c.pad_id, grad=True,
+                                    max_batch_tokens=max_batch_tokens)
+            lp = torch.cat(logps).double()
+            old = torch.cat([s.old_logps[i] for i in mb]).to(lp.device)
+            adv = torch.cat([advs[i][0] for i in mb]).to(lp.device)
+            valid = torch.cat([advs[i][1] for i in mb]).to(lp.device)
+            n_mb = int(valid.sum())
+            if n_mb == 0:
+                continue
+            loss, st = policy_loss(lp, old, adv, valid, loss_cfg)
+            (loss * n_mb / total_valid).backward()
+            loss_sum += float(loss.detach()) * n_mb
+            clip_sum += st["clip_frac"] * n_mb
+        grad_norm = torch.nn.utils.clip_grad_norm_(c.student.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        out.update(loss=loss_sum / total_valid, clip_frac=clip_sum / total_valid,
+                   grad_norm=float(grad_norm))
+    return out
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate(
+    c: Components,
+    examples: Sequence[Example],
+    rollout: RolloutConfig,
+    *,
+    seed: int,
+    credit_rule: str = "proportional",
+    max_batch_tokens: int = 8192,
+) -> dict:
+    """Reverse KL per byte (teacher vs student on fresh student samples; comparable across
+    tokenizers), stop rate, and accuracy when the data has answers. Uses its own RNG stream so
+    training randomness is untouched and every evaluation sees the same sampling noise."""
+    from crossopd.evals import answer_correct
+
+    one = dataclasses.replace(rollout, samples_per_prompt=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        s = rollout_and_score(c, examples, one, credit_rule=credit_rule,
+                              max_batch_tokens=max_batch_tokens)
+    result = {k: v for k, v in s.stats.items() if not k.startswith(TIMING_PREFIX)}
+    answers = [e.answer for e in examples]
+    if any(a is not None for a in answers):
+        texts = [c.sv.concat_bytes(seq[a:b]).decode("utf-8", "replace")
+                 for seq, (a, b) in zip(s.sequences, s.spans)]
+        scored = [(t, a) for t, a in zip(texts, answers) if a is not None]
+        result["accuracy"] = sum(answer_correct(t, a) for t, a in scored) / len(scored)
+    return result
