@@ -141,6 +141,10 @@ def test_http_scores_equal_in_process(teacher_server, smol_teacher):
              for s, (a, b) in zip(seqs, spans)]
     for r, loc in zip(remote, local):
         np.testing.assert_allclose(r, loc, atol=1e-5, rtol=1e-6)
+    # the OpenAI-style base URL (what `vllm serve` and serve-teacher print) works the same
+    via_v1 = HTTPTeacher(teacher_server + "/v1/", model="smollm2", timeout=60).score(seqs, spans)
+    for r, v in zip(remote, via_v1):
+        np.testing.assert_array_equal(r, v)
 
 
 def test_http_client_errors_are_not_retried(teacher_server):

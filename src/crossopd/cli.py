@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress and not args.json)
+    progress = not args.no_progress and not args.json
+    if cfg.engine == "trl":
+        from crossopd.integrations.trl import train_trl
+
+        result = train_trl(cfg, resume=args.resume, progress=progress)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0  # one process reports
+    else:
+        result = train(cfg, resume=args.resume, progress=progress)
     print(json.dumps(result) if args.json else render_result(result))
     return 0
 

@@ -22,9 +22,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """PEFT LoRA on the student (engine ``trl``)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0  # TRL's disable_dropout (on by default) zeroes it anyway
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class StudentConfig:
     model: str = "smollm2"  # HF dir, hub id, .gguf file or bundled name
     dtype: str = "float32"
+    lora: LoraSettings | None = None  # engine trl: {r, alpha, dropout, target_modules}
 
 
 @dataclass
@@ -52,6 +64,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    backend: str = "hf"  # hf (HF generate) | vllm (engine trl: TRL's vLLM rollouts)
+    vllm_mode: str = "colocate"  # colocate | server (TRL's vllm_mode)
     samples_per_prompt: int = 1
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -68,6 +82,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    engine: str = "native"  # native (crossopd's own loop) | trl (TRL's GRPOTrainer)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -86,6 +101,9 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     output_dir: str = "runs/opd"
     max_batch_tokens: int = 8192
+    # engine trl: extra GRPOConfig arguments, passed through as they are (e.g. bf16,
+    # gradient_checkpointing, deepspeed, fsdp, vllm_gpu_memory_utilization, report_to)
+    trl: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,11 +121,26 @@ def _build(cls: type, data: dict, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{where}{key}.")
+        section = _section_type(hint)
+        if section is not None:
+            if isinstance(value, _Raw):
+                value = yaml.safe_load(str(value))
+            optional = not dataclasses.is_dataclass(hint)
+            kwargs[key] = None if value is None and optional else \
+                _build(section, value or {}, f"{where}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, where + key)
     return cls(**kwargs)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a config section (``Section`` or ``Section | None``), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    members = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(members) == 1 and dataclasses.is_dataclass(members[0]):
+        return members[0]
+    return None
 
 
 class _Raw(str):
@@ -133,6 +166,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key} cannot be null")
     base = members[0]
+    if typing.get_origin(base) is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of keys to values, got {value!r}")
+        return value
     if typing.get_origin(base) is list:
         if value is None:
             return []
@@ -225,5 +264,19 @@ def validate(cfg: TrainConfig) -> None:
             continue
         if _looks_like_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value} does not exist")
+    if cfg.engine not in ("native", "trl"):
+        raise ConfigError(f"engine {cfg.engine!r}: native (crossopd's loop) or trl (TRL's "
+                          "GRPOTrainer; needs the trl extra)")
+    if cfg.rollout.backend not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.backend {cfg.rollout.backend!r}: hf or vllm")
+    if cfg.rollout.vllm_mode not in ("colocate", "server"):
+        raise ConfigError(f"rollout.vllm_mode {cfg.rollout.vllm_mode!r}: colocate or server")
+    if cfg.engine == "native":
+        for key, on in (("rollout.backend: vllm", cfg.rollout.backend == "vllm"),
+                        ("student.lora", cfg.student.lora is not None),
+                        ("trl", bool(cfg.trl))):
+            if on:
+                raise ConfigError(f"{key} needs engine: trl (the native engine samples with HF "
+                                  "generate and trains all weights)")
     if cfg.student.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"student.dtype {cfg.student.dtype!r}: float32, bfloat16 or float16")

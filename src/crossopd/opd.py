@@ -49,6 +49,7 @@ class Components:
     context: TeacherContext
     pad_id: int
     device: torch.device
+    student_tokenizer: Any = None  # the HF tokenizer (engines that render prompts themselves)
 
     @classmethod
     def from_tokenizers(
@@ -76,6 +77,7 @@ class Components:
             context=context or TeacherContext(),
             pad_id=int(pad or 0),
             device=next(student.parameters()).device,
+            student_tokenizer=tok,
         )
 
 
@@ -88,6 +90,7 @@ class Scored:
     old_logps: list[torch.Tensor]
     targets: list[torch.Tensor]  # credit q per response token, NaN where no signal
     stats: dict[str, float]
+    totals: dict[str, float] = dataclasses.field(default_factory=dict)  # StepStats sums
 
 
 class StepStats:
@@ -96,11 +99,14 @@ class StepStats:
     Every token that gets no signal is counted under the reason why: unaligned bytes, masked
     special tokens, or a sequence that overflowed the teacher's context."""
 
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = dict.fromkeys(
-            ("sequences", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
-             "unaligned_tokens", "masked_special", "stop_chunks", "stopped", "overflowed",
-             "signal_tokens", "kl_sum"), 0.0)
+    KEYS = ("sequences", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
+            "unaligned_tokens", "masked_special", "stop_chunks", "stopped", "overflowed",
+            "signal_tokens", "kl_sum")
+
+    def __init__(self, totals: dict[str, float] | None = None) -> None:
+        """``totals``: sums to start from, e.g. the sums of several processes added up."""
+        self.totals: dict[str, float] = dict.fromkeys(self.KEYS, 0.0)
+        self.totals.update(totals or {})
 
     def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q: np.ndarray) -> None:
         c, counts = self.totals, a.counts
@@ -200,7 +206,7 @@ def score_rollouts(
     times["align_credit"] = time.perf_counter() - t0
     out = stats.result()
     add_timings(out, times, sum(len(r) for r in responses))
-    return Scored(sequences, spans, old, targets, out)
+    return Scored(sequences, spans, old, targets, out, dict(stats.totals))
 
 
 def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -> None:

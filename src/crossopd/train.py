@@ -14,46 +14,11 @@ import numpy as np
 import torch
 
 from crossopd import checkpoint as ckpt
-from crossopd.bridge import ChatFormat, TeacherContext
+from crossopd.build import build_components, load_splits
 from crossopd.config import TrainConfig
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
-from crossopd.hub import load_hf_model, load_hf_tokenizer
 from crossopd.opd import TIMING_PREFIX, Components, evaluate, rollout_and_score, update
-from crossopd.prompts import Example, load_examples
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_components(cfg: TrainConfig) -> Components:
-    device = resolve_device(cfg.device)
-    dtype = getattr(torch, cfg.student.dtype)
-    s_tok = load_hf_tokenizer(cfg.student.model)
-    student_fmt = ChatFormat.from_tokenizer(s_tok, name=cfg.student.model)
-    student = load_hf_model(cfg.student.model, dtype=dtype, device=str(device))
-    t_cfg = cfg.teacher
-    if t_cfg.model:
-        from crossopd.teachers.hf import HFTeacher
-
-        teacher = HFTeacher(load_hf_model(t_cfg.model, device=str(device)),
-                            max_batch_tokens=cfg.max_batch_tokens)
-        t_src = t_cfg.model
-    else:
-        from crossopd.teachers.http import HTTPTeacher
-
-        teacher = HTTPTeacher(t_cfg.urls, model=t_cfg.served_name, timeout=t_cfg.timeout,
-                              retries=t_cfg.retries, max_length=t_cfg.max_length)
-        t_src = t_cfg.served_name or ""
-    t_tok = load_hf_tokenizer(t_cfg.tokenizer or t_src)
-    teacher_fmt = ChatFormat.from_tokenizer(t_tok, plain_template=t_cfg.plain_template,
-                                            stop=t_cfg.stop, name=t_src)
-    teacher_fmt.max_length = t_cfg.max_length or teacher.max_length or teacher_fmt.max_length
-    return Components.from_tokenizers(student, s_tok, teacher, t_tok, student_fmt=student_fmt,
-                                      teacher_fmt=teacher_fmt,
-                                      context=TeacherContext(system=t_cfg.system))
+from crossopd.prompts import Example
 
 
 def step_examples(examples: list[Example], step: int, batch_size: int,
@@ -68,19 +33,6 @@ def step_examples(examples: list[Example], step: int, batch_size: int,
     return out
 
 
-def _split(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    examples = load_examples(cfg.data.path, cfg.data.answer_column, cfg.teacher.reference_column)
-    if cfg.data.heldout_path:
-        heldout = load_examples(cfg.data.heldout_path, cfg.data.answer_column,
-                                cfg.teacher.reference_column)
-    else:
-        if len(examples) <= cfg.data.heldout_size:
-            raise ValueError(f"{cfg.data.path} has {len(examples)} rows; need more than "
-                             f"data.heldout_size={cfg.data.heldout_size} to hold some out")
-        examples, heldout = examples[: -cfg.data.heldout_size], examples[-cfg.data.heldout_size:]
-    return examples, heldout[: cfg.eval_prompts]
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           components: Components | None = None) -> dict:
     from tqdm.auto import tqdm
@@ -88,7 +40,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    examples, heldout = _split(cfg)
+    examples, heldout = load_splits(cfg)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

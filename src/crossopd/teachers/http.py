@@ -38,8 +38,11 @@ class HTTPTeacher:
         backoff: float = 0.5,
         concurrency: int = 8,
         max_length: int | None = None,
+        first_url: int = 0,
     ) -> None:
-        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        # a base URL with or without the OpenAI-style /v1 suffix (what `vllm serve` prints)
+        self.urls = [u.rstrip("/").removesuffix("/v1")
+                     for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
             raise ValueError("HTTPTeacher needs at least one URL")
         for u in self.urls:
@@ -51,7 +54,8 @@ class HTTPTeacher:
         self.backoff = backoff
         self.concurrency = concurrency
         self.max_length = max_length
-        self._next_start = itertools.count()
+        # processes of one run start on different URLs of the pool, so they spread the load
+        self._next_start = itertools.count(first_url)
         self._lock = threading.Lock()
 
     def _first_url_index(self) -> int:

@@ -1,0 +1,1 @@
+"""Engine integrations: crossopd's OPD step inside existing trainers (TRL; verl later)."""

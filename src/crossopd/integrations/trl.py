@@ -1,0 +1,280 @@
+"""Engine ``trl``: crossopd's OPD objective inside TRL's ``GRPOTrainer``.
+
+TRL brings what a multi-GPU run needs (accelerate / DeepSpeed / FSDP, PEFT LoRA, vLLM rollouts,
+gradient checkpointing, its logging and checkpoints); crossopd brings the per-token advantage.
+``OPDTrainer`` lets TRL sample, then replaces GRPO's group-relative sequence advantage with
+crossopd's: bridge each conversation to the teacher's own format, score the response bytes with
+any crossopd teacher, align (DPCA), assign credit on the rollout log-probs, and
+``A = clamp(q - old logp)``. Tokens without a signal are removed from the loss mask (not from the
+attention mask), so the token mean runs over signal tokens exactly as in the native engine.
+
+The mapping of config keys to ``GRPOConfig`` is in ``grpo_args`` and docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossopd.build import build_components, load_splits
+from crossopd.config import ConfigError, TrainConfig
+from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
+from crossopd.loss import advantages
+from crossopd.opd import Components, StepStats, evaluate, score_rollouts
+from crossopd.prompts import Example
+
+try:
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "engine: trl needs the trl extra: pip install 'crossopd[trl]' (or `make install`)"
+    ) from e
+
+STAT_PREFIX = "opd/"
+
+
+def no_reward(prompts: list, completions: list, **_: Any) -> list[float]:
+    """GRPOTrainer requires a reward function; OPD's signal is the advantage written below."""
+    return [0.0] * len(prompts)
+
+
+class OPDTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose per-token advantages come from a teacher of any family.
+
+    ``components`` supplies the teacher, both prompt formats and both byte views (its
+    ``student`` is not used: TRL owns the student). Dataset rows need ``prompt`` (chat
+    messages) and may carry ``answer`` and ``reference`` (teacher-only context)."""
+
+    def __init__(self, *args: Any, components: Components, credit_rule: str = "proportional",
+                 adv_clamp: float = 10.0, max_batch_tokens: int = 8192, **kwargs: Any) -> None:
+        kwargs.setdefault("reward_funcs", no_reward)
+        super().__init__(*args, **kwargs)
+        self.opd = components
+        self.credit_rule = credit_rule
+        self.adv_clamp = adv_clamp
+        self.max_batch_tokens = max_batch_tokens
+        self.last_step_stats: dict[str, float] = {}
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        t0 = time.perf_counter()
+        out = super()._generate_and_score_completions(inputs)
+        t_rollout = time.perf_counter() - t0
+        c_ids, c_mask = out["completion_ids"], out["completion_mask"]
+        old = out.get("old_per_token_logps")
+        t0 = time.perf_counter()
+        if old is None:  # TRL skips them when on-policy; credit needs the rollout log-probs
+            with torch.no_grad():
+                old = self._get_per_token_logps_and_entropies(
+                    self.model, torch.cat([out["prompt_ids"], c_ids], 1),
+                    torch.cat([out["prompt_mask"], c_mask], 1), c_ids.size(1),
+                    batch_size=self.args.per_device_train_batch_size)[0]
+        t_old = time.perf_counter() - t0
+        lengths = c_mask.sum(1).tolist()
+        responses = [row[:n].cpu().numpy() for row, n in zip(c_ids, lengths)]
+        prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
+        old_list = [row[:n].detach().double().cpu() for row, n in zip(old, lengths)]
+        examples = [Example(messages=list(r["prompt"]), answer=r.get("answer"),
+                            reference=r.get("reference")) for r in inputs]
+        scored = score_rollouts(self.opd, examples, prompts, responses,
+                                credit_rule=self.credit_rule,
+                                max_batch_tokens=self.max_batch_tokens, old_logps=old_list)
+        adv = torch.zeros(c_ids.shape, dtype=torch.float32, device=c_ids.device)
+        signal = torch.zeros(c_ids.shape, dtype=c_mask.dtype, device=c_ids.device)
+        for i, (q, o) in enumerate(zip(scored.targets, old_list)):
+            a, valid = advantages(q, o, torch.ones(len(o), dtype=torch.bool), self.adv_clamp)
+            adv[i, : len(o)] = a.to(adv)
+            signal[i, : len(o)] = valid.to(signal)
+        out["advantages"] = adv
+        out["tool_mask"] = signal * out["tool_mask"] if "tool_mask" in out else signal
+        out["num_items_in_batch"] = self.accelerator.gather((c_mask * out["tool_mask"]).sum()).sum()
+        stats = self._global_stats(scored.totals)
+        stats.update({k: v for k, v in scored.stats.items() if k.startswith("time/")})
+        stats["time/rollout_s"] = t_rollout
+        stats["time/student_logps_s"] = stats.get("time/student_logps_s", 0.0) + t_old
+        self.last_step_stats = stats
+        mode = "train" if self.model.training else "eval"
+        for k, v in stats.items():
+            self._metrics[mode][STAT_PREFIX + k].append(float(v))
+        return out
+
+    def _global_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        """Step statistics over every process's rollouts (sums gathered, then ratios)."""
+        keys = StepStats.KEYS
+        local = torch.tensor([[totals.get(k, 0.0) for k in keys]], dtype=torch.float64,
+                             device=self.accelerator.device)
+        summed = self.accelerator.gather(local).sum(0).tolist()
+        stats = StepStats(dict(zip(keys, summed))).result()
+        stats["world_size"] = self.accelerator.num_processes
+        return stats
+
+
+class MetricsCallback(TrainerCallback):
+    """One ``metrics.jsonl`` row per optimizer step, in the native engine's shape."""
+
+    def __init__(self, trainer: OPDTrainer, path: Path) -> None:
+        self.trainer, self.path = trainer, path
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kw: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "loss": logs["loss"],
+               "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               **self.trainer.last_step_stats,
+               "time/step_s": time.perf_counter() - getattr(self, "t0", time.perf_counter())}
+        append_jsonl(self.path, row)
+
+
+def grpo_args(cfg: TrainConfig, world_size: int) -> GRPOConfig:
+    """``TrainConfig`` -> ``GRPOConfig``: one OPD step = one generation batch = one optimizer
+    step; ``cfg.trl`` entries are passed through last and win."""
+    extra = dict(cfg.trl)
+    spp = cfg.rollout.samples_per_prompt
+    if spp < 2:
+        raise ConfigError("engine trl needs rollout.samples_per_prompt >= 2 (TRL's GRPOTrainer "
+                          "samples every prompt at least twice)")
+    accum = int(extra.pop("gradient_accumulation_steps", 1))
+    rows = cfg.batch_size * spp
+    if rows % (world_size * accum):
+        raise ConfigError(f"batch_size x rollout.samples_per_prompt = {rows} completions per "
+                          f"step must divide evenly over {world_size} processes x "
+                          f"{accum} gradient accumulation steps")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.output_dir, max_steps=cfg.steps, seed=cfg.seed, use_cpu=on_cpu,
+        per_device_train_batch_size=rows // (world_size * accum),
+        gradient_accumulation_steps=accum, num_generations=spp,
+        max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0,
+        num_iterations=cfg.update_epochs, beta=0.0, loss_type="dapo",
+        epsilon=cfg.loss.clip_low, epsilon_high=cfg.loss.clip_high, delta=cfg.loss.dual_clip,
+        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_steps, max_grad_norm=cfg.optim.grad_clip,
+        lr_scheduler_type="constant_with_warmup" if cfg.optim.warmup_steps else "constant",
+        bf16=cfg.student.dtype == "bfloat16", fp16=cfg.student.dtype == "float16",
+        gradient_checkpointing=False, disable_dropout=True, remove_unused_columns=False,
+        logging_steps=1, report_to="none", save_total_limit=cfg.keep_checkpoints,
+        save_strategy="steps" if cfg.checkpoint_every else "no",
+        save_steps=cfg.checkpoint_every or 500, dataloader_num_workers=0,
+        use_vllm=cfg.rollout.backend == "vllm", vllm_mode=cfg.rollout.vllm_mode,
+    )
+    kwargs.update(extra)
+    return GRPOConfig(**kwargs)
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    if cfg.student.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lo = cfg.student.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                      target_modules=list(lo.target_modules), task_type="CAUSAL_LM")
+
+
+def as_dataset(examples: list[Example]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": e.messages, "answer": e.answer,
+                               "reference": e.reference} for e in examples])
+
+
+def final_student(trainer: OPDTrainer, tokenizer: Any, path: os.PathLike) -> None:
+    """``path``: a complete HF model directory (with LoRA: merged, the adapter in
+    ``path/adapter``)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(os.path.join(path, "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """TRL's newest complete ``checkpoint-N`` (trainer_state.json is written last)."""
+    done = [p for p in out_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """The ``trl`` engine's run: the same inputs and outputs as ``crossopd.train.train``
+    (metrics.jsonl, eval.jsonl, report.html, final/), under ``torchrun`` / ``accelerate launch``
+    as well as in one process."""
+    from crossopd.report import write_report
+
+    args = grpo_args(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before loading
+    args.disable_tqdm = not progress
+    out_dir = Path(cfg.output_dir)
+    main = int(os.environ.get("RANK", 0)) == 0
+    metrics_path, eval_path = out_dir / "metrics.jsonl", out_dir / "eval.jsonl"
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-N under {out_dir}; start without "
+                                "--resume")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        for path in (metrics_path, eval_path):
+            if ckpt is not None:
+                truncate_jsonl(path, int(ckpt.name.split("-")[1]))
+            else:
+                path.unlink(missing_ok=True)
+        if ckpt is None:
+            for old in out_dir.glob("checkpoint-*"):
+                shutil.rmtree(old, ignore_errors=True)
+    examples, heldout = load_splits(cfg)
+    torch.manual_seed(cfg.seed)
+    # float32 master weights; bf16/fp16 run under TRL's autocast (args.bf16 / args.fp16)
+    c = build_components(cfg, student_dtype=torch.float32)
+    trainer = OPDTrainer(model=c.student, args=args, train_dataset=as_dataset(examples),
+                         processing_class=c.student_tokenizer, peft_config=lora_config(cfg),
+                         components=c, credit_rule=cfg.credit_rule,
+                         adv_clamp=cfg.loss.adv_clamp, max_batch_tokens=cfg.max_batch_tokens)
+    trainer.add_callback(MetricsCallback(trainer, metrics_path))
+
+    def run_eval(step: int) -> dict:
+        # every process evaluates the same prompts (sharded weights need all of them)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = student.training
+        student.eval()
+        r = evaluate(replace(c, student=student), heldout, cfg.rollout,
+                     seed=cfg.seed + 10_007, credit_rule=cfg.credit_rule,
+                     max_batch_tokens=cfg.max_batch_tokens)
+        student.train(was_training)
+        if main:
+            append_jsonl(eval_path, {"step": step, **r})
+        return r
+
+    if ckpt is None and cfg.eval_prompts:
+        run_eval(0)
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    final_eval = run_eval(cfg.steps) if cfg.eval_prompts else None
+    report = None
+    if main:
+        final_student(trainer, c.student_tokenizer, out_dir / "final")
+        report = write_report(out_dir)
+    evals, rows = read_jsonl(eval_path), read_jsonl(metrics_path)
+    return {
+        "engine": "trl",
+        "steps": cfg.steps,
+        "world_size": trainer.accelerator.num_processes,
+        "heldout_kl_before": evals[0]["kl_per_byte"] if evals else None,
+        "heldout_kl_after": evals[-1]["kl_per_byte"] if evals else None,
+        "final_eval": final_eval,
+        "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
+        "report": str(report) if report else None,
+        "output_dir": str(out_dir),
+        "final": str(out_dir / "final"),
+    }
