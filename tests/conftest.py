@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 from crossopd import ByteVocab
@@ -29,3 +31,34 @@ def vocab(name: str) -> ByteVocab:
 @pytest.fixture(scope="session")
 def get_vocab():
     return vocab
+
+
+PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
+
+
+def tiny_model(tok, out: Path, seed: int, layers: int = 2) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    from crossopd.hub import load_hf_tokenizer
+
+    smol = load_hf_tokenizer("smollm2")
+    gemma = load_hf_tokenizer("gemma3-270m")
+    return {
+        "student": str(tiny_model(smol, root / "student", 0)),
+        "teacher": str(tiny_model(gemma, root / "teacher", 1)),
+        "same_teacher": str(tiny_model(smol, root / "same_teacher", 2)),
+    }

@@ -149,3 +149,19 @@ def test_shipped_configs_validate():
     assert demo.teacher.stop == "\n\nQuestion:" and demo.optim.lr == 1e-5
     example = load_config(demo_config_path().with_name("example.yaml"), ["data.path=bundled:arith"])
     assert example.credit_rule == "proportional" and example.loss.clip_high == 0.28
+
+
+def test_overrides_may_follow_flags(tmp_path, monkeypatch):
+    """`crossopd train CONFIG --resume key=value` parses the override (argparse alone would
+    refuse it); a stray non-override is still an error."""
+    from crossopd import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("args", args) and 0)
+    parser_args = ["train", "run.yaml", "--no-progress", "steps=3", "--resume", "optim.lr=1e-5"]
+    cli.main(parser_args)
+    args = seen["args"]
+    assert args.config == "run.yaml" and args.resume and args.no_progress
+    assert args.overrides == ["steps=3", "optim.lr=1e-5"]
+    with pytest.raises(SystemExit):
+        cli.main(["align", "--student", "smollm2", "--teacher", "smollm2", "--text", "x", "y=1"])

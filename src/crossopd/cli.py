@@ -232,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `train CONFIG --resume steps=20`: overrides may come after the flags too
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                     for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -28,7 +28,7 @@ from crossopd.build import build_components, load_splits
 from crossopd.config import ConfigError, TrainConfig
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.loss import advantages
-from crossopd.opd import Components, StepStats, evaluate, score_rollouts
+from crossopd.opd import Components, StepStats, add_timings, evaluate, score_rollouts
 from crossopd.prompts import Example
 
 try:
@@ -97,9 +97,10 @@ class OPDTrainer(GRPOTrainer):
         out["tool_mask"] = signal * out["tool_mask"] if "tool_mask" in out else signal
         out["num_items_in_batch"] = self.accelerator.gather((c_mask * out["tool_mask"]).sum()).sum()
         stats = self._global_stats(scored.totals)
-        stats.update({k: v for k, v in scored.stats.items() if k.startswith("time/")})
-        stats["time/rollout_s"] = t_rollout
-        stats["time/student_logps_s"] = stats.get("time/student_logps_s", 0.0) + t_old
+        phases = {k[len("time/"):-2]: v for k, v in scored.stats.items()
+                  if k.startswith("time/") and k.endswith("_s")}
+        phases["student_logps"] += t_old
+        add_timings(stats, {"rollout": t_rollout, **phases}, sum(lengths))
         self.last_step_stats = stats
         mode = "train" if self.model.training else "eval"
         for k, v in stats.items():
@@ -164,7 +165,7 @@ def grpo_args(cfg: TrainConfig, world_size: int) -> GRPOConfig:
         warmup_steps=cfg.optim.warmup_steps, max_grad_norm=cfg.optim.grad_clip,
         lr_scheduler_type="constant_with_warmup" if cfg.optim.warmup_steps else "constant",
         bf16=cfg.student.dtype == "bfloat16", fp16=cfg.student.dtype == "float16",
-        gradient_checkpointing=False, disable_dropout=True, remove_unused_columns=False,
+        activation_checkpointing=False, disable_dropout=True, remove_unused_columns=False,
         logging_steps=1, report_to="none", save_total_limit=cfg.keep_checkpoints,
         save_strategy="steps" if cfg.checkpoint_every else "no",
         save_steps=cfg.checkpoint_every or 500, dataloader_num_workers=0,

@@ -1,0 +1,190 @@
+"""Engine `trl`: crossopd's OPD step inside TRL's GRPOTrainer, against the native engine, in real
+processes (torchrun, 2 ranks, gloo) and against a real HTTP teacher."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from crossopd.config import ConfigError, load_config
+from crossopd.prompts import load_examples
+
+from conftest import PLAIN
+
+try:
+    import trl  # noqa: F401
+except ImportError:  # the extra is part of `make install`; say what is missing, never pass
+    pytest.fail("the trl extra is not installed: pip install -e '.[trl]' (or run `make install`)",
+                pytrace=False)
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _errors(r: subprocess.CompletedProcess) -> str:
+    """The lines that say what went wrong (torchrun's own report is long and says little)."""
+    lines = r.stderr.splitlines()
+    return "\n".join([x for x in lines if "error" in x.lower()][:20] + lines[-20:])
+
+
+def _trl_config(tiny: dict, out: Path, *extra: str):
+    return load_config(None, [
+        "engine=trl", f"student.model={tiny['student']}", f"teacher.model={tiny['teacher']}",
+        f"teacher.plain_template={PLAIN['plain_template']}", f"teacher.stop={PLAIN['stop']}",
+        "device=cpu", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12",
+        "batch_size=2", "steps=1", "eval_prompts=0", "checkpoint_every=0",
+        f"output_dir={out}", *extra])
+
+
+def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
+    """Same models, same sampled ids: the native step library recomputes the rollout log-probs,
+    the credit and the advantages itself and gets TRL's; one SGD update gives the same weights."""
+    from crossopd.build import build_components
+    from crossopd.hub import load_hf_model
+    from crossopd.integrations.trl import OPDTrainer, as_dataset, grpo_args
+    from crossopd.opd import score_rollouts, update
+    from crossopd.prompts import Example
+
+    cfg = _trl_config(tiny, tmp_path, "optim.lr=0.5", "trl={optim: sgd}")
+    torch.manual_seed(0)
+    c = build_components(cfg)
+    start = copy.deepcopy(c.student.state_dict())
+    trainer = OPDTrainer(model=c.student, args=grpo_args(cfg, 1),
+                         train_dataset=as_dataset(load_examples("bundled:arith")[:8]),
+                         processing_class=c.student_tokenizer, components=c)
+    seen: dict = {}
+    generate_and_score = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        out = generate_and_score(inputs)
+        seen.update(inputs=inputs, out={k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    trainer._generate_and_score_completions = capture
+    trainer.train()
+
+    out = seen["out"]
+    lengths = out["completion_mask"].sum(1).tolist()
+    responses = [row[:n].numpy() for row, n in zip(out["completion_ids"], lengths)]
+    prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
+    examples = [Example(list(r["prompt"]), r.get("answer")) for r in seen["inputs"]]
+    native = load_hf_model(tiny["student"])
+    native.load_state_dict(start)
+    cn = dataclasses.replace(c, student=native)
+    scored = score_rollouts(cn, examples, prompts, responses, credit_rule=cfg.credit_rule,
+                            max_batch_tokens=cfg.max_batch_tokens)  # old log-probs: native
+    assert scored.stats["signal_tokens"] > 0
+    from crossopd.loss import advantages
+
+    for i, (q, old) in enumerate(zip(scored.targets, scored.old_logps)):
+        adv, valid = advantages(q, old, torch.ones(len(old), dtype=torch.bool), cfg.loss.adv_clamp)
+        np.testing.assert_allclose(out["advantages"][i, : len(old)].numpy(), adv.numpy(),
+                                   atol=1e-4)
+        assert out["tool_mask"][i, : len(old)].bool().tolist() == valid.tolist()
+        assert not out["advantages"][i, len(old):].any()
+
+    opt = torch.optim.SGD(native.parameters(), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    update(cn, scored, opt, sched, cfg.loss, grad_clip=cfg.optim.grad_clip)
+    trained = dict(trainer.model.named_parameters())
+    moved = 0.0
+    for name, p in native.named_parameters():
+        np.testing.assert_allclose(trained[name].detach().numpy(), p.detach().numpy(),
+                                   atol=2e-5, err_msg=name)
+        moved = max(moved, float((p.detach() - start[name]).abs().max()))
+    assert moved > 1e-3  # the comparison is of a real update, not of two untouched models
+
+
+def test_torchrun_two_processes_lora_on_the_bundled_pair_and_resume(tmp_path):
+    """`torchrun --nproc_per_node 2 -m crossopd train` with LoRA on SmolLM2 <- Gemma 3 270M:
+    completes, logs world size 2, saves a merged student and its adapter, and --resume
+    continues from the last checkpoint."""
+    out = tmp_path / "run"
+    cfg = {"engine": "trl", "student": {"model": "smollm2", "lora": {"r": 8}},
+           "teacher": {"model": "gemma3-270m", **PLAIN}, "data": {"path": "bundled:arith"},
+           "rollout": {"max_new_tokens": 8, "samples_per_prompt": 2}, "steps": 2,
+           "batch_size": 2, "eval_prompts": 2, "checkpoint_every": 1, "device": "cpu",
+           "output_dir": str(out), "optim": {"lr": 1e-4}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "-m", "crossopd", "train", str(path), "--no-progress"]
+    r = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, _errors(r)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["world_size"] == 2 and row["signal_tokens"] > 0 for row in rows)
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out / "final")
+    AutoModelForCausalLM.from_pretrained(out / "final")  # merged: loads without peft
+
+    r = subprocess.run([*torchrun, "steps=3", "--resume"], env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, _errors(r)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert (out / "checkpoint-3").exists()
+
+
+def test_trl_engine_against_a_real_http_teacher(tiny, tmp_path):
+    """One TRL-engine step scored by `crossopd serve-teacher` on 127.0.0.1."""
+    from test_teachers import _free_port, _wait_ready
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", tiny["teacher"],
+         "--port", str(port), "--device", "cpu", "--name", "tiny-teacher"], env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
+        cfg = {"engine": "trl", "student": {"model": tiny["student"]},
+               "teacher": {"urls": [f"http://127.0.0.1:{port}/v1"], "served_name": "tiny-teacher",
+                           "tokenizer": tiny["teacher"], **PLAIN},
+               "data": {"path": "bundled:arith"}, "device": "cpu", "steps": 1, "batch_size": 2,
+               "rollout": {"max_new_tokens": 8, "samples_per_prompt": 2}, "eval_prompts": 0,
+               "output_dir": str(tmp_path / "http")}
+        path = tmp_path / "http.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = subprocess.run([sys.executable, "-m", "crossopd", "train", str(path), "--json"],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, _errors(r)
+        assert json.loads(r.stdout.strip().splitlines()[-1])["engine"] == "trl"
+        (row,) = [json.loads(x) for x in (tmp_path / "http" / "metrics.jsonl").read_text()
+                  .splitlines()]
+        assert row["coverage"] == 1.0 and row["signal_tokens"] > 0 and np.isfinite(row["loss"])
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rollout.backend=vllm"], "rollout.backend: vllm needs engine: trl"),
+    (["student.lora={r: 8}"], "student.lora needs engine: trl"),
+    (["engine=verl"], "engine 'verl'"),
+])
+def test_engine_config_errors_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["teacher.model=smollm2", *overrides])
+
+
+def test_trl_engine_batch_errors_before_any_model_loads(tmp_path):
+    from crossopd.integrations.trl import grpo_args
+
+    one = load_config(None, ["teacher.model=smollm2", "engine=trl"])
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        grpo_args(one, 1)
+    odd = load_config(None, ["teacher.model=smollm2", "engine=trl", "batch_size=3",
+                             "rollout.samples_per_prompt=2"])
+    with pytest.raises(ConfigError, match="divide evenly over 4 processes"):
+        grpo_args(odd, 4)
