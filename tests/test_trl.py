@@ -188,3 +188,20 @@ def test_trl_engine_batch_errors_before_any_model_loads(tmp_path):
                              "rollout.samples_per_prompt=2"])
     with pytest.raises(ConfigError, match="divide evenly over 4 processes"):
         grpo_args(odd, 4)
+
+
+@pytest.mark.parametrize("name,world", [("paper_qwen3_8b_teacher_llama31_8b_student.yaml", 6),
+                                        ("single_gpu_qwen25_05b_from_smollm2_17b.yaml", 1)])
+def test_gpu_examples_validate_into_grpo_configs(name, world, tmp_path):
+    """The shipped GPU configs load, validate and map onto a GRPOConfig for their GPU count
+    (no model is downloaded; the data file is the user's, so a bundled one stands in)."""
+    from crossopd.integrations.trl import grpo_args
+
+    path = Path(__file__).parents[1] / "examples" / name
+    cfg = load_config(path, ["data.path=bundled:arith", f"output_dir={tmp_path}"])
+    args = grpo_args(cfg, world)
+    assert cfg.engine == "trl" and cfg.rollout.backend == "vllm" and args.use_vllm
+    assert (args.epsilon, args.epsilon_high, args.delta, args.beta) == (0.2, 0.28, 10.0, 0.0)
+    assert args.loss_type == "dapo" and args.learning_rate == cfg.optim.lr
+    completions = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
+    assert completions == cfg.batch_size * cfg.rollout.samples_per_prompt

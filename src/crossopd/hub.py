@@ -36,37 +36,47 @@ def load_hf_tokenizer(src: Any) -> Any:
     return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(src))
 
 
-def load_hf_model(src: Any, dtype: Any = None, device: str | None = None) -> Any:
-    """A transformers causal LM for a path, hub id, GGUF file or bundled model name.
+def gguf_model_dir(path: Path) -> Path:
+    """A complete Hugging Face directory (float32 safetensors, config, tokenizer, chat template)
+    for a GGUF file: de-quantised once and cached, so ``AutoModelForCausalLM``, ``vllm serve``
+    and TRL's vLLM engine load it like any HF model (de-quantising Gemma 3 270M costs ~30 s;
+    loading the cache ~2 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    GGUF weights are de-quantised once and cached as safetensors next to the converted
-    tokenizer (de-quantising Gemma 3 270M costs ~30 s; loading the cache ~2 s)."""
+    tokenizer_dir = gguf_tokenizer_dir(path)
+    target = cache_dir() / "hf-models" / tokenizer_dir.name
+    if (target / "config.json").exists():
+        return target
+
+    def write(tmp: Path) -> None:
+        m = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        # The weights are de-quantised float32 by now; only the GGUF marker remains.
+        m.hf_quantizer = None
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+        m.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
+
+    return atomic_dir_write(target, write)
+
+
+def load_hf_model(src: Any, dtype: Any = None, device: str | None = None) -> Any:
+    """A transformers causal LM for a path, hub id, GGUF file or bundled model name (GGUF files
+    through the ``gguf_model_dir`` cache)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if not isinstance(src, (str, Path)):
         return src
-    dtype = dtype or torch.float32
     resolved = bundled.resolve_tokenizer(str(src))
     path = Path(resolved) if isinstance(resolved, (str, Path)) else Path(str(src))
     if path.is_file() and path.suffix.lower() == ".gguf":
-        target = cache_dir() / "models" / gguf_tokenizer_dir(path).name
-        if not (target / "config.json").exists():
-
-            def write(tmp: Path) -> None:
-                m = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent), gguf_file=path.name, dtype=torch.float32
-                )
-                # The weights are de-quantised float32 by now; only the GGUF marker remains.
-                m.hf_quantizer = None
-                if hasattr(m.config, "quantization_config"):
-                    del m.config.quantization_config
-                m.save_pretrained(str(tmp))
-
-            atomic_dir_write(target, write)
-        path = target
+        path = gguf_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path) if path.exists() else str(src), dtype=dtype
+        str(path) if path.exists() else str(src), dtype=dtype or torch.float32
     )
     if device:
         model.to(device)

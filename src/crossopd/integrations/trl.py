@@ -13,6 +13,7 @@ The mapping of config keys to ``GRPOConfig`` is in ``grpo_args`` and docs/scale.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,12 +166,16 @@ def grpo_args(cfg: TrainConfig, world_size: int) -> GRPOConfig:
         warmup_steps=cfg.optim.warmup_steps, max_grad_norm=cfg.optim.grad_clip,
         lr_scheduler_type="constant_with_warmup" if cfg.optim.warmup_steps else "constant",
         bf16=cfg.student.dtype == "bfloat16", fp16=cfg.student.dtype == "float16",
-        activation_checkpointing=False, disable_dropout=True, remove_unused_columns=False,
+        disable_dropout=True, remove_unused_columns=False,
         logging_steps=1, report_to="none", save_total_limit=cfg.keep_checkpoints,
         save_strategy="steps" if cfg.checkpoint_every else "no",
         save_steps=cfg.checkpoint_every or 500, dataloader_num_workers=0,
         use_vllm=cfg.rollout.backend == "vllm", vllm_mode=cfg.rollout.vllm_mode,
     )
+    # transformers renamed gradient_checkpointing (deprecated from 5.2x on)
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    kwargs["activation_checkpointing" if "activation_checkpointing" in names
+           else "gradient_checkpointing"] = False
     kwargs.update(extra)
     return GRPOConfig(**kwargs)
 
