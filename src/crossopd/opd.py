@@ -91,6 +91,7 @@ class Scored:
     targets: list[torch.Tensor]  # credit q per response token, NaN where no signal
     stats: dict[str, float]
     totals: dict[str, float] = dataclasses.field(default_factory=dict)  # StepStats sums
+    times: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
 
 
 class StepStats:
@@ -206,7 +207,7 @@ def score_rollouts(
     times["align_credit"] = time.perf_counter() - t0
     out = stats.result()
     add_timings(out, times, sum(len(r) for r in responses))
-    return Scored(sequences, spans, old, targets, out, dict(stats.totals))
+    return Scored(sequences, spans, old, targets, out, dict(stats.totals), times)
 
 
 def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -> None:
@@ -230,6 +231,7 @@ def rollout_and_score(
     t_rollout = time.perf_counter() - t0
     scored = score_rollouts(c, exs, prompts, responses, credit_rule=credit_rule,
                             max_batch_tokens=max_batch_tokens)
+    scored.times["rollout"] = t_rollout
     add_timings(scored.stats, {"rollout": t_rollout}, int(scored.stats["response_tokens"]))
     return scored
 

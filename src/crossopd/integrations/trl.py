@@ -98,10 +98,9 @@ class OPDTrainer(GRPOTrainer):
         out["tool_mask"] = signal * out["tool_mask"] if "tool_mask" in out else signal
         out["num_items_in_batch"] = self.accelerator.gather((c_mask * out["tool_mask"]).sum()).sum()
         stats = self._global_stats(scored.totals)
-        phases = {k[len("time/"):-2]: v for k, v in scored.stats.items()
-                  if k.startswith("time/") and k.endswith("_s")}
-        phases["student_logps"] += t_old
-        add_timings(stats, {"rollout": t_rollout, **phases}, sum(lengths))
+        times = {"rollout": t_rollout, **scored.times}
+        times["student_logps"] += t_old
+        add_timings(stats, times, sum(lengths))
         self.last_step_stats = stats
         mode = "train" if self.model.training else "eval"
         for k, v in stats.items():
