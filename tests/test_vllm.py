@@ -17,6 +17,7 @@ import yaml
 from crossopd import bundled
 from crossopd.hub import gguf_model_dir
 
+from conftest import PLAIN
 from test_teachers import _free_port, _wait_ready
 
 ROOT = Path(__file__).parents[1]
@@ -87,3 +88,29 @@ def test_two_step_training_run_scored_by_vllm(vllm_teacher, tiny, tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
     assert all(row["coverage"] == 1.0 and row["one_to_one_share"] == 1.0 for row in rows)
+
+
+def test_trl_engine_with_vllm_colocate_rollouts(tiny, tmp_path):
+    """Two TRL-engine steps whose rollouts come from vLLM in the trainer's process (colocate),
+    run in the vLLM environment. The trained weights reach vLLM before each generation: after a
+    large first update the sampling engine still matches the trainer (importance ratio ~1)."""
+    out = tmp_path / "run"
+    cfg = {"engine": "trl", "student": {"model": "smollm2"},
+           "teacher": {"model": tiny["teacher"], **PLAIN}, "data": {"path": "bundled:arith"},
+           "rollout": {"backend": "vllm", "vllm_mode": "colocate", "samples_per_prompt": 2,
+                       "max_new_tokens": 8},
+           "steps": 2, "batch_size": 2, "eval_prompts": 0, "device": "cpu",
+           "optim": {"lr": 1e-3}, "output_dir": str(out),
+           "trl": {"vllm_max_model_length": 512, "vllm_enable_sleep_mode": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
+    r = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-m", "crossopd", "train", str(path),
+                        "--no-progress"], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
+    for row in rows:
+        assert 0.7 < row["sampling/importance_sampling_ratio/mean"] < 1.4, row

