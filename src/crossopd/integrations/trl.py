@@ -270,8 +270,10 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
 
     if ckpt is None and cfg.eval_prompts:
         run_eval(0)
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    final_eval = run_eval(cfg.steps) if cfg.eval_prompts else None
+    done = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    if done < cfg.steps:  # transformers would take one extra step past a finished checkpoint
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    final_eval = run_eval(cfg.steps) if cfg.eval_prompts and done < cfg.steps else None
     report = None
     if main:
         final_student(trainer, c.student_tokenizer, out_dir / "final")
