@@ -166,11 +166,13 @@ def score_rollouts(
     credit_rule: str,
     max_batch_tokens: int,
     old_logps: Sequence[torch.Tensor] | None = None,
+    temperature: float = 1.0,
 ) -> Scored:
     """Teacher scoring, alignment and credit for sampled responses (from any rollout engine).
 
-    ``old_logps`` are the student's rollout-time log-probs of each response token; when not
-    given they are computed here with the student."""
+    ``old_logps`` are the student's rollout-time log-probs of each response token under the
+    sampling distribution; when not given they are computed here with the student at
+    ``temperature``."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     reqs: list[TeacherRequest] = [
@@ -189,7 +191,7 @@ def score_rollouts(
     t0 = time.perf_counter()
     if old_logps is None:
         with torch.no_grad():
-            old_logps = score_sequences(c.student, sequences, spans,
+            old_logps = score_sequences(c.student, sequences, spans, temperature=temperature,
                                         max_batch_tokens=max_batch_tokens, pad_id=c.pad_id)
     old = [o.detach().double().cpu() for o in old_logps]
     times["student_logps"] = time.perf_counter() - t0
@@ -230,7 +232,7 @@ def rollout_and_score(
     exs, prompts, responses = sample_rollouts(c, examples, rollout)
     t_rollout = time.perf_counter() - t0
     scored = score_rollouts(c, exs, prompts, responses, credit_rule=credit_rule,
-                            max_batch_tokens=max_batch_tokens)
+                            max_batch_tokens=max_batch_tokens, temperature=rollout.temperature)
     scored.times["rollout"] = t_rollout
     add_timings(scored.stats, {"rollout": t_rollout}, int(scored.stats["response_tokens"]))
     return scored
@@ -247,9 +249,11 @@ def update(
     grad_clip: float = 1.0,
     epochs: int = 1,
     max_batch_tokens: int = 8192,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """PPO-clip over the step's rollouts, in token-budgeted micro-batches (gradient
-    accumulation weighted so the result is the token mean over the whole step)."""
+    accumulation weighted so the result is the token mean over the whole step). ``temperature``
+    is the rollout's: the ratio compares the same tempered distributions."""
     mask_all = [torch.ones(len(t), dtype=torch.bool) for t in s.targets]
     advs = [advantages(q, o, m, loss_cfg.adv_clamp) for q, o, m in
             zip(s.targets, s.old_logps, mask_all)]
@@ -269,7 +273,7 @@ def update(
         for mb in micro:
             logps = score_sequences(c.student, [s.sequences[i] for i in mb],
                                     [s.spans[i] for i in mb], pad_id=c.pad_id, grad=True,
-                                    max_batch_tokens=max_batch_tokens)
+                                    max_batch_tokens=max_batch_tokens, temperature=temperature)
             lp = torch.cat(logps).double()
             old = torch.cat([s.old_logps[i] for i in mb]).to(lp.device)
             adv = torch.cat([advs[i][0] for i in mb]).to(lp.device)

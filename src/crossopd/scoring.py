@@ -16,17 +16,21 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _block_logprobs(head: Any, softcap: float | None, h: torch.Tensor,
+def _block_logprobs(head: Any, softcap: float | None, temperature: float, h: torch.Tensor,
                     tgt: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
-                  logits_budget_bytes: int, grad: bool = False) -> torch.Tensor:
-    """log softmax(head(hidden))[target] for each row of ``hidden`` ([n, d]), in blocks."""
+                  logits_budget_bytes: int, grad: bool = False,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[target] for each row of ``hidden`` ([n, d]), in
+    blocks."""
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -35,9 +39,10 @@ def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
     for lo in range(0, hidden.shape[0], rows):
         h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
         if grad:
-            parts.append(checkpoint(_block_logprobs, head, softcap, h, t, use_reentrant=False))
+            parts.append(checkpoint(_block_logprobs, head, softcap, temperature, h, t,
+                                    use_reentrant=False))
         else:
-            parts.append(_block_logprobs(head, softcap, h, t))
+            parts.append(_block_logprobs(head, softcap, temperature, h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -67,8 +72,10 @@ def score_sequences(
     logits_budget_bytes: int = 64 * 2**20,
     pad_id: int = 0,
     grad: bool = False,
+    temperature: float = 1.0,
 ) -> list[torch.Tensor]:
-    """Per sequence, float32 log-probs of ``ids[p]`` given ``ids[:p]`` for p in its span.
+    """Per sequence, float32 log-probs of ``ids[p]`` given ``ids[:p]`` for p in its span, under
+    the distribution ``softmax(logits / temperature)`` (the one a rollout sampled from).
 
     Sequences are batched by length (right padding, so positions are 0..n-1 in every row)."""
     device = next(model.parameters()).device
@@ -89,7 +96,7 @@ def score_sequences(
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         r_idx, c_idx = torch.cat(rows).to(device), torch.cat(cols).to(device)
         logps = head_logprobs(model, hidden[r_idx, c_idx], ids[r_idx, c_idx + 1],
-                              logits_budget_bytes, grad=grad)
+                              logits_budget_bytes, grad=grad, temperature=temperature)
         offset = 0
         for i in batch:
             n = spans[i][1] - spans[i][0]

@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         scored = rollout_and_score(c, batch, cfg.rollout, **step_args)
         t0 = time.perf_counter()
         upd = update(c, scored, optimizer, scheduler, cfg.loss, grad_clip=cfg.optim.grad_clip,
-                     epochs=cfg.update_epochs, max_batch_tokens=cfg.max_batch_tokens)
+                     epochs=cfg.update_epochs, max_batch_tokens=cfg.max_batch_tokens,
+                     temperature=cfg.rollout.temperature)
         dt = time.perf_counter() - t0
         row = {"step": step + 1, **upd, **scored.stats, "lr": scheduler.get_last_lr()[0],
                f"{TIMING_PREFIX}update_s": dt,
