@@ -13,6 +13,7 @@ from crossopd.bridge import (
     build_teacher_request,
 )
 from crossopd.hub import load_hf_tokenizer
+from crossopd.tokens import ByteVocab
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
@@ -221,3 +222,32 @@ def test_template_errors_say_what_to_do(smol_chat):
         smol_chat.render([])
     with pytest.raises(TemplateError, match="ends with an assistant turn"):
         smol_chat.render(MULTI[:3])
+
+
+def test_student_stop_ids_come_from_the_template_end_of_turn(gemma_chat, llama3_chat, smol_chat):
+    """Gemma's `<end_of_turn>` (id 106) is not among the tokenizer's special ids, yet it ends a
+    Gemma-templated turn: sampling must stop there and the bridge must see a stop chunk."""
+    fmt, tok = gemma_chat
+    (end_id,) = fmt.end_of_turn_ids
+    assert tok.convert_ids_to_tokens(end_id) == "<end_of_turn>"
+    assert end_id in fmt.stop_ids
+    l_fmt, l_tok = llama3_chat
+    assert l_tok.convert_tokens_to_ids("<|eot_id|>") in l_fmt.stop_ids
+    assert smol_chat.end_of_turn_ids[0] in smol_chat.stop_ids  # <|im_end|>
+
+
+def test_generation_config_eos_list_adds_stop_ids(smol_tok):
+    """Llama-3-Instruct-style models end turns on any of several ids listed in their generation
+    config; each of them stops sampling."""
+    fmt = ChatFormat.from_tokenizer(smol_tok, eos_ids=[7, 9])
+    assert {7, 9} <= fmt.stop_ids and smol_tok.eos_token_id in fmt.stop_ids
+
+
+def test_gemma_student_stop_chunk_pairs_end_of_turn(get_vocab, gemma_chat, smol_chat, smol_tok):
+    fmt, tok = gemma_chat
+    sv, tv = ByteVocab.from_pretrained(tok), ByteVocab.from_pretrained(smol_tok)
+    resp = sv.encode_bytes(b"84") + [fmt.end_of_turn_ids[0]]
+    req = build_teacher_request(MESSAGES, resp, fmt, smol_chat, sv, tv)
+    assert req.student_stop_index == len(resp) - 1
+    a = align_bridged(req, sv, tv)
+    assert a.student_chunk[-1] == a.num_chunks - 1 and a.coverage == 1.0

@@ -9,7 +9,7 @@ end-of-turn token <-> teacher end-of-turn tokens).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +84,14 @@ class ChatFormat:
         plain_template: str | None = None,
         stop: str | None = None,
         name: str = "",
+        eos_ids: Iterable[int] = (),
     ) -> ChatFormat:
         """From a Hugging Face tokenizer. Without a chat template (a base model) a plain template
-        such as ``"Question: {prompt}\\nAnswer:"`` and a ``stop`` string are required."""
+        such as ``"Question: {prompt}\\nAnswer:"`` and a ``stop`` string are required.
+
+        ``stop_ids`` (what ends a sampled turn): the end-of-turn marker when it is one token,
+        special or not (Gemma's ``<end_of_turn>`` is not), the special tokens of a longer marker,
+        the tokenizer's EOS, and ``eos_ids`` (a model's generation-config EOS list)."""
         name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
         def tokenize(text: str) -> list[int]:
@@ -122,9 +127,13 @@ class ChatFormat:
         if not end:
             raise TemplateError(f"{name}: cannot find the end-of-turn marker; set it explicitly")
         end_ids = tokenize(end)
-        stop_ids = {i for i in end_ids if i in set(tokenizer.all_special_ids)}
+        if len(end_ids) == 1:
+            stop_ids = set(end_ids)
+        else:  # a text marker ("\n\nQuestion:") cannot stop sampling; its special tokens can
+            stop_ids = {i for i in end_ids if i in set(tokenizer.all_special_ids)}
         if tokenizer.eos_token_id is not None:
             stop_ids.add(int(tokenizer.eos_token_id))
+        stop_ids.update(int(i) for i in eos_ids)
         max_len = getattr(tokenizer, "model_max_length", None)
         return cls(
             name=name,

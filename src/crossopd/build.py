@@ -10,7 +10,7 @@ import torch
 from crossopd.bridge import ChatFormat, TeacherContext
 from crossopd.config import TrainConfig
 from crossopd.hub import load_hf_model, load_hf_tokenizer
-from crossopd.opd import Components
+from crossopd.opd import Components, generation_eos
 from crossopd.prompts import Example, load_examples
 
 
@@ -29,8 +29,9 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
     device = resolve_device(cfg.device)
     dtype = student_dtype or getattr(torch, cfg.student.dtype)
     s_tok = load_hf_tokenizer(cfg.student.model)
-    student_fmt = ChatFormat.from_tokenizer(s_tok, name=cfg.student.model)
     student = load_hf_model(cfg.student.model, dtype=dtype, device=str(device))
+    student_fmt = ChatFormat.from_tokenizer(s_tok, name=cfg.student.model,
+                                            eos_ids=generation_eos(student))
     t_cfg = cfg.teacher
     if t_cfg.model:
         from crossopd.teachers.hf import HFTeacher

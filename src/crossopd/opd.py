@@ -67,9 +67,10 @@ class Components:
         formats default to each tokenizer's own chat template."""
         tok = student_tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        fmt = student_fmt or ChatFormat.from_tokenizer(tok, eos_ids=generation_eos(student))
         return cls(
             student=student,
-            student_fmt=student_fmt or ChatFormat.from_tokenizer(tok),
+            student_fmt=fmt,
             sv=ByteVocab.from_pretrained(tok),
             teacher=teacher,
             teacher_fmt=teacher_fmt or ChatFormat.from_tokenizer(teacher_tokenizer),
@@ -79,6 +80,15 @@ class Components:
             device=next(student.parameters()).device,
             student_tokenizer=tok,
         )
+
+
+def generation_eos(model: Any) -> list[int]:
+    """The EOS ids of a model's generation config (an int or a list: Llama 3 Instruct ends turns
+    on several)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 @dataclass
