@@ -165,3 +165,11 @@ def test_overrides_may_follow_flags(tmp_path, monkeypatch):
     assert args.overrides == ["steps=3", "optim.lr=1e-5"]
     with pytest.raises(SystemExit):
         cli.main(["align", "--student", "smollm2", "--teacher", "smollm2", "--text", "x", "y=1"])
+
+
+def test_serve_teacher_takes_vllms_flag_name():
+    from crossopd.cli import build_parser
+
+    for flag in ("--served-model-name", "--name"):
+        args = build_parser().parse_args(["serve-teacher", "--model", "smollm2", flag, "t"])
+        assert args.name == "t"

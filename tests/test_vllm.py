@@ -114,3 +114,18 @@ def test_trl_engine_with_vllm_colocate_rollouts(tiny, tmp_path):
     assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
     for row in rows:
         assert 0.7 < row["sampling/importance_sampling_ratio/mean"] < 1.4, row
+
+
+def test_context_limit_is_vllms_rule(vllm_teacher):
+    """vLLM refuses prompt + max_tokens > max_model_len: HTTPTeacher reads max_model_len from
+    /v1/models and lets through exactly the prompts vLLM scores."""
+    from crossopd.teachers import TeacherError
+    from crossopd.teachers.http import HTTPTeacher
+
+    teacher = HTTPTeacher(vllm_teacher, model="smol", timeout=300, retries=0)
+    assert teacher.max_length == 2047
+    ids = np.random.default_rng(1).integers(3, 49152, size=2048).tolist()
+    (lp,) = teacher.score([ids[:2047]], [(2040, 2047)])
+    assert lp.shape == (7,) and np.isfinite(lp).all()
+    with pytest.raises(TeacherError, match="HTTP 400"):
+        teacher.score([ids], [(2040, 2048)])

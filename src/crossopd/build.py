@@ -49,7 +49,10 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
     t_tok = load_hf_tokenizer(t_cfg.tokenizer or t_src)
     teacher_fmt = ChatFormat.from_tokenizer(t_tok, plain_template=t_cfg.plain_template,
                                             stop=t_cfg.stop, name=t_src)
-    teacher_fmt.max_length = t_cfg.max_length or teacher.max_length or teacher_fmt.max_length
+    # HTTP: the server's limit (configured context or its /v1/models, minus the one token a
+    # scoring request asks for); in process: the configured context or the model's
+    limit = teacher.max_length if t_cfg.urls else t_cfg.max_length or teacher.max_length
+    teacher_fmt.max_length = limit or teacher_fmt.max_length
     return Components.from_tokenizers(student, s_tok, teacher, t_tok, student_fmt=student_fmt,
                                       teacher_fmt=teacher_fmt,
                                       context=TeacherContext(system=t_cfg.system))

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--host", default="127.0.0.1")
     st.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     st.add_argument("--max-batch-tokens", type=int, default=8192)
-    st.add_argument("--name", default=None, help="served model name (default: --model)")
+    st.add_argument("--served-model-name", "--name", dest="name", default=None,
+                    help="served model name, as vLLM's flag (default: --model)")
     st.set_defaults(func=cmd_serve_teacher)
     return p
 

@@ -249,6 +249,9 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     # small updates are not rounded away. With LoRA the base is frozen and loads in
     # student.dtype; PEFT keeps the adapter in float32.
     c = build_components(cfg, student_dtype=torch.float32 if cfg.student.lora is None else None)
+    # TRL stops sampling at the tokenizer's EOS and the generation config's: make those the
+    # template's end-of-turn ids (also what the saved student's generation config then says)
+    c.student.generation_config.eos_token_id = sorted(c.student_fmt.stop_ids)
     trainer = OPDTrainer(model=c.student, args=args, train_dataset=as_dataset(examples),
                          processing_class=c.student_tokenizer, peft_config=lora_config(cfg),
                          components=c, credit_rule=cfg.credit_rule,

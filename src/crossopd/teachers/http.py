@@ -53,10 +53,32 @@ class HTTPTeacher:
         self.retries = retries
         self.backoff = backoff
         self.concurrency = concurrency
-        self.max_length = max_length
+        self.context = max_length  # the server's max_model_len; read from /v1/models if None
         # processes of one run start on different URLs of the pool, so they spread the load
         self._next_start = itertools.count(first_url)
         self._lock = threading.Lock()
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest prompt the server scores: vLLM refuses ``prompt + max_tokens >
+        max_model_len`` and a scoring request asks for one token."""
+        if self.context is None:
+            self.context = self._server_context()
+        return None if self.context is None else self.context - 1
+
+    def _server_context(self) -> int | None:
+        """``max_model_len`` from ``/v1/models`` (vLLM and serve-teacher report it)."""
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+                    models = json.loads(resp.read()).get("data", [])
+            except (OSError, ValueError, HTTPException):
+                continue
+            lengths = [m.get("max_model_len") for m in models
+                       if not self.model or m.get("id") == self.model]
+            if lengths and isinstance(lengths[0], int):
+                return lengths[0]
+        return None
 
     def _first_url_index(self) -> int:
         with self._lock:
