@@ -239,3 +239,53 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     out = update(c, s, opt, sched, LossConfig())
     assert out["clip_frac"] == 0.0
     assert out["loss"] == pytest.approx(3.0, abs=1e-6)  # -A * ratio with A = -3 and ratio = 1
+
+
+def test_bf16_student_moves_its_weights_like_fp32(tiny, tmp_path):
+    """student.dtype: bfloat16 trains float32 master weights under bf16 autocast: at lr 1e-5
+    AdamW's steps (~1e-5 per weight) are far below bf16's rounding step (~1e-3 near 0.1), so
+    updating bf16 weights in place would lose most of them."""
+    import copy
+
+    from crossopd.build import build_components
+    from crossopd.train import train
+
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(None, [f"student.model={tiny['student']}",
+                                 f"teacher.model={tiny['teacher']}",
+                                 f"teacher.plain_template={PLAIN['plain_template']}",
+                                 f"teacher.stop={PLAIN['stop']}", f"student.dtype={dtype}",
+                                 "steps=1", "batch_size=2", "eval_prompts=0", "device=cpu",
+                                 "rollout.max_new_tokens=8", "optim.lr=1e-5",
+                                 f"output_dir={tmp_path / dtype}"])
+        torch.manual_seed(0)
+        c = build_components(cfg)
+        before = copy.deepcopy({k: v.float() for k, v in c.student.state_dict().items()})
+        train(cfg, progress=False, components=c)
+        assert next(c.student.parameters()).dtype == torch.float32  # master weights
+        after = {k: v.float() for k, v in c.student.state_dict().items()}
+        moved[dtype] = torch.cat([(after[k] - before[k]).flatten() for k in before])
+    changed = (moved["bfloat16"] != 0).float().mean()
+    assert changed > 0.9 * (moved["float32"] != 0).float().mean()
+    cos = torch.nn.functional.cosine_similarity(moved["bfloat16"], moved["float32"], dim=0)
+    assert cos > 0.5  # the same direction as the float32 run, up to bf16 compute noise
+
+
+def test_evaluation_does_not_change_training_rollouts(tiny, tmp_path):
+    """Evaluation samples from its own RNG stream (every device's generator forked, so on CUDA
+    its reseeding cannot leak either): a run evaluating after every step trains on exactly the
+    rollouts of a run that never evaluates."""
+    from crossopd.train import train
+
+    rows = {}
+    for name, every in (("never", 0), ("every", 1)):
+        cfg = _config(tiny, tmp_path / name, steps=3, eval_every=every, eval_prompts=2,
+                      checkpoint_every=0)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        train(load_config(path), progress=False)
+        rows[name] = _strip_timing([json.loads(x) for x in (tmp_path / name / "metrics.jsonl")
+                                    .read_text().splitlines()])
+    assert rows["never"] == rows["every"]
+    assert len((tmp_path / "every" / "eval.jsonl").read_text().splitlines()) == 4

@@ -24,10 +24,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None) -> Components:
-    """``student_dtype`` overrides ``student.dtype`` (engines that keep float32 master weights
-    and run half precision under autocast)."""
+    """The student's weights load in float32 (master weights; ``student.dtype`` is its compute
+    dtype, applied by autocast) unless ``student_dtype`` says otherwise (a frozen LoRA base)."""
     device = resolve_device(cfg.device)
-    dtype = student_dtype or getattr(torch, cfg.student.dtype)
+    dtype = student_dtype or torch.float32
     s_tok = load_hf_tokenizer(cfg.student.model)
     student = load_hf_model(cfg.student.model, dtype=dtype, device=str(device))
     student_fmt = ChatFormat.from_tokenizer(s_tok, name=cfg.student.model,
@@ -53,9 +53,11 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
     # scoring request asks for); in process: the configured context or the model's
     limit = teacher.max_length if t_cfg.urls else t_cfg.max_length or teacher.max_length
     teacher_fmt.max_length = limit or teacher_fmt.max_length
-    return Components.from_tokenizers(student, s_tok, teacher, t_tok, student_fmt=student_fmt,
-                                      teacher_fmt=teacher_fmt,
-                                      context=TeacherContext(system=t_cfg.system))
+    c = Components.from_tokenizers(student, s_tok, teacher, t_tok, student_fmt=student_fmt,
+                                   teacher_fmt=teacher_fmt,
+                                   context=TeacherContext(system=t_cfg.system))
+    c.compute_dtype = getattr(torch, cfg.student.dtype)
+    return c
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:

@@ -50,6 +50,13 @@ class Components:
     pad_id: int
     device: torch.device
     student_tokenizer: Any = None  # the HF tokenizer (engines that render prompts themselves)
+    # the student's compute dtype: weights stay float32 (master weights) and its forward passes
+    # run under autocast, so small updates are not rounded away in bf16/fp16
+    compute_dtype: torch.dtype = torch.float32
+
+    def student_autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
 
     @classmethod
     def from_tokenizers(
@@ -161,9 +168,10 @@ def sample_rollouts(
     """(examples, student prompt ids, sampled response ids), ``samples_per_prompt`` each."""
     exs = [e for e in examples for _ in range(rollout.samples_per_prompt)]
     prompts = [c.student_fmt.prompt_ids(e.messages) for e in exs]
-    responses = sample(c.student, prompts, max_new_tokens=rollout.max_new_tokens,
-                       temperature=rollout.temperature, top_p=rollout.top_p,
-                       stop_ids=c.student_fmt.stop_ids, pad_id=c.pad_id)
+    with c.student_autocast():
+        responses = sample(c.student, prompts, max_new_tokens=rollout.max_new_tokens,
+                           temperature=rollout.temperature, top_p=rollout.top_p,
+                           stop_ids=c.student_fmt.stop_ids, pad_id=c.pad_id)
     return exs, prompts, responses
 
 
@@ -200,7 +208,7 @@ def score_rollouts(
     spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
     t0 = time.perf_counter()
     if old_logps is None:
-        with torch.no_grad():
+        with torch.no_grad(), c.student_autocast():
             old_logps = score_sequences(c.student, sequences, spans, temperature=temperature,
                                         max_batch_tokens=max_batch_tokens, pad_id=c.pad_id)
     old = [o.detach().double().cpu() for o in old_logps]
@@ -281,9 +289,11 @@ def update(
         optimizer.zero_grad(set_to_none=True)
         loss_sum, clip_sum = 0.0, 0.0
         for mb in micro:
-            logps = score_sequences(c.student, [s.sequences[i] for i in mb],
-                                    [s.spans[i] for i in mb], pad_id=c.pad_id, grad=True,
-                                    max_batch_tokens=max_batch_tokens, temperature=temperature)
+            with c.student_autocast():
+                logps = score_sequences(c.student, [s.sequences[i] for i in mb],
+                                        [s.spans[i] for i in mb], pad_id=c.pad_id, grad=True,
+                                        max_batch_tokens=max_batch_tokens,
+                                        temperature=temperature)
             lp = torch.cat(logps).double()
             old = torch.cat([s.old_logps[i] for i in mb]).to(lp.device)
             adv = torch.cat([advs[i][0] for i in mb]).to(lp.device)
@@ -319,7 +329,9 @@ def evaluate(
     from crossopd.evals import answer_correct
 
     one = dataclasses.replace(rollout, samples_per_prompt=1)
-    with torch.random.fork_rng(devices=[]):
+    # every device's generator: manual_seed below reseeds CUDA too
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         s = rollout_and_score(c, examples, one, credit_rule=credit_rule,
                               max_batch_tokens=max_batch_tokens)

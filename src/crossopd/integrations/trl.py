@@ -248,7 +248,8 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     # Trained weights stay float32 (bf16/fp16 run under autocast: args.bf16 / args.fp16), so
     # small updates are not rounded away. With LoRA the base is frozen and loads in
     # student.dtype; PEFT keeps the adapter in float32.
-    c = build_components(cfg, student_dtype=torch.float32 if cfg.student.lora is None else None)
+    c = build_components(
+        cfg, student_dtype=getattr(torch, cfg.student.dtype) if cfg.student.lora else None)
     # TRL stops sampling at the tokenizer's EOS and the generation config's: make those the
     # template's end-of-turn ids (also what the saved student's generation config then says)
     c.student.generation_config.eos_token_id = sorted(c.student_fmt.stop_ids)
