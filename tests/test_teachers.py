@@ -212,3 +212,20 @@ def test_load_balancing_survives_a_dead_url(fault_server):
     client = HTTPTeacher([dead, good], timeout=2, retries=2, backoff=0.01)
     out = client.score([[1, 2, 3, 4]] * 6, [(1, 4)] * 6)
     assert all(np.array_equal(o, [-1.0, -1.0, -1.0]) for o in out)
+
+
+def test_in_process_nan_logprobs_are_an_error_naming_the_sequence(tmp_path):
+    """A teacher whose forward gives NaN fails loudly, as the HTTP path does, instead of turning
+    the sequence into silently unaligned tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, max_position_embeddings=64))
+    with torch.no_grad():  # token 5's embedding is NaN: only sequences containing it break
+        model.model.embed_tokens.weight[5] = float("nan")
+    teacher = HFTeacher(model)
+    (ok,) = teacher.score([[1, 2, 3]], [(1, 3)])
+    assert np.isfinite(ok).all()
+    with pytest.raises(TeacherError, match="sequence 1"):
+        teacher.score([[1, 2, 3], [4, 5, 6, 7]], [(1, 3), (1, 4)])

@@ -289,3 +289,24 @@ def test_evaluation_does_not_change_training_rollouts(tiny, tmp_path):
                                     .read_text().splitlines()])
     assert rows["never"] == rows["every"]
     assert len((tmp_path / "every" / "eval.jsonl").read_text().splitlines()) == 4
+
+
+def test_step_without_signal_keeps_the_schedule_in_lockstep():
+    """A step where no token has a signal (all overflowed, say) takes no optimizer step but
+    still advances the LR schedule, so schedule and step count never drift apart."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from crossopd.opd import Scored, update
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
+                                       n_head=2)).eval()
+    seqs, spans = [[1, 2, 3, 4]], [(1, 4)]
+    s = Scored(seqs, spans, [torch.zeros(3, dtype=torch.float64)],
+               [torch.full((3,), float("nan"), dtype=torch.float64)], {})
+    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": torch.no_grad})()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = update(c, s, opt, sched, LossConfig())
+    assert out["loss"] == 0.0 and sched.last_epoch == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -280,7 +280,8 @@ def update(
     all_adv = torch.cat([a[v] for a, v in advs]) if total_valid else torch.zeros(1)
     out.update(adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if
                all_adv.numel() > 1 else 0.0, adv_abs_max=float(all_adv.abs().max()))
-    if total_valid == 0:
+    if total_valid == 0:  # nothing to learn from; the schedule still counts the step
+        scheduler.step()
         return out
     micro = token_budget_batches([len(x) for x in s.sequences], max_batch_tokens)
     # The student stays in eval mode: with dropout active the update would score the rollout

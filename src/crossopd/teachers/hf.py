@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from crossopd.scoring import score_sequences
-from crossopd.teachers import check_spans
+from crossopd.teachers import TeacherError, check_spans
 
 
 def default_device() -> str:
@@ -52,4 +52,13 @@ class HFTeacher:
             self.model, sequences, spans, max_batch_tokens=self.max_batch_tokens,
             logits_budget_bytes=self.logits_budget_bytes, pad_id=self.pad_id,
         )
-        return [x.double().cpu().numpy() for x in out]
+        result = [x.double().cpu().numpy() for x in out]
+        for i, lp in enumerate(result):
+            bad = np.flatnonzero(~np.isfinite(lp))
+            if bad.size:  # as the HTTP client does: a broken teacher is an error, not "unaligned"
+                raise TeacherError(
+                    f"teacher returned non-finite log-probs for sequence {i} at positions "
+                    f"{(bad + spans[i][0]).tolist()[:5]} (of {len(sequences[i])} tokens): check "
+                    "the teacher's weights and dtype"
+                )
+        return result
