@@ -106,6 +106,8 @@ def test_doctor_json_contract(capsys):
     assert r["student"]["kind"] == "byte_level" and r["student"]["vocab_size"] == 49152
     assert r["teacher"]["kind"] == "metaspace" and r["teacher"]["vocab_size"] == 262144
     assert r["student"]["end_of_turn"] == "<|im_end|>"
+    assert r["student"]["stop_ids"] == [2]  # <|im_end|>, also SmolLM2's EOS
+    assert r["teacher"]["stop_ids"] == [1]  # plain template: a text marker, so Gemma's EOS only
     assert r["samples"] and all({"text", "coverage", "one_to_one_share"} <= set(s)
                                 for s in r["samples"])
     assert all(s["coverage"] == 1.0 for s in r["samples"])

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
         old = [o.double() for o in score_sequences(model, seqs, spans)]
     targets = [o - 3.0 for o in old]  # large positive advantages would be clipped if ratio != 1
     s = Scored(seqs, spans, old, targets, {})
-    c = type("C", (), {"student": model, "pad_id": 0})()
+    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": nullcontext})()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     out = update(c, s, opt, sched, LossConfig())
@@ -303,7 +304,7 @@ def test_step_without_signal_keeps_the_schedule_in_lockstep():
     seqs, spans = [[1, 2, 3, 4]], [(1, 4)]
     s = Scored(seqs, spans, [torch.zeros(3, dtype=torch.float64)],
                [torch.full((3,), float("nan"), dtype=torch.float64)], {})
-    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": torch.no_grad})()
+    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": nullcontext})()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -39,8 +39,8 @@ def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
           plain_template: str | None, stop: str | None) -> tuple[dict, ChatFormat | None]:
 
     info: dict[str, Any] = {"kind": vocab.kind, "vocab_size": vocab.vocab_size,
-                            "end_of_turn": None, "dummy_prefix": vocab.dummy_prefix,
-                            "has_chat_template": False}
+                            "end_of_turn": None, "stop_ids": [],
+                            "dummy_prefix": vocab.dummy_prefix, "has_chat_template": False}
     missing = np.flatnonzero(vocab.byte_ids < 0)
     if missing.size and vocab.unk_id is None:
         warnings.append(f"{role} has no token for {missing.size} byte values "
@@ -64,6 +64,7 @@ def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
         warnings.append(f"{role}: {e}")
         return info, None
     info["end_of_turn"] = fmt.end_of_turn
+    info["stop_ids"] = sorted(fmt.stop_ids)  # the ids that end this side's turn
     return info, fmt
 
 
