@@ -229,3 +229,48 @@ def test_in_process_nan_logprobs_are_an_error_naming_the_sequence(tmp_path):
     assert np.isfinite(ok).all()
     with pytest.raises(TeacherError, match="sequence 1"):
         teacher.score([[1, 2, 3], [4, 5, 6, 7]], [(1, 3), (1, 4)])
+
+
+def _small(arch: str):
+    import transformers
+
+    cfg_cls = getattr(transformers, f"{arch}Config")
+    model_cls = getattr(transformers, f"{arch}ForCausalLM")
+    extra = {"Cohere": {"logit_scale": 0.3}, "Granite": {"logits_scaling": 4.0},
+             "Gemma2": {"final_logit_softcapping": 5.0, "head_dim": 8}}.get(arch, {})
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  **extra)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Cohere", "Granite", "Gemma2"])
+def test_scoring_reproduces_the_models_own_logits(arch):
+    """Heads that scale or soft-cap their logits (Cohere's logit_scale, Granite's
+    logits_scaling, Gemma's soft-capping) are scored as the model's own forward scores them."""
+    from crossopd.scoring import score_sequences
+
+    model = _small(arch)
+    seq = [3, 17, 40, 9, 22, 5, 61, 30]
+    (ours,) = score_sequences(model, [seq], [(1, len(seq))])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0, :-1].float()
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+    np.testing.assert_allclose(ours.detach().numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_a_head_crossopd_cannot_reproduce_is_refused():
+    from crossopd.scoring import check_head
+
+    model = _small("Llama")
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # an output transformation crossopd does not know about
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    model.forward = scaled
+    with pytest.raises(ValueError, match="cannot reproduce"):
+        check_head(model)

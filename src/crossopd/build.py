@@ -12,6 +12,7 @@ from crossopd.config import TrainConfig
 from crossopd.hub import load_hf_model, load_hf_tokenizer
 from crossopd.opd import Components, generation_eos
 from crossopd.prompts import Example, load_examples
+from crossopd.scoring import check_head
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,6 +31,7 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
     dtype = student_dtype or torch.float32
     s_tok = load_hf_tokenizer(cfg.student.model)
     student = load_hf_model(cfg.student.model, dtype=dtype, device=str(device))
+    check_head(student)
     student_fmt = ChatFormat.from_tokenizer(s_tok, name=cfg.student.model,
                                             eos_ids=generation_eos(student))
     t_cfg = cfg.teacher

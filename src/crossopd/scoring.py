@@ -16,14 +16,26 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _block_logprobs(head: Any, softcap: float | None, temperature: float, h: torch.Tensor,
-                    tgt: torch.Tensor) -> torch.Tensor:
+def _block_logprobs(head: Any, scale: float, softcap: float | None, temperature: float,
+                    h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def head_transform(model: Any) -> tuple[float, float | None]:
+    """(multiplier, soft-cap) the model's own forward applies to ``head(hidden)``: Cohere's
+    ``logit_scale``, Granite's ``1 / logits_scaling``, Gemma's final soft-capping. ``check_head``
+    refuses models whose head does something else."""
+    cfg = model.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)
+    return scale, getattr(cfg, "final_logit_softcapping", None)
 
 
 def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
@@ -33,16 +45,16 @@ def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
     blocks."""
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    scale, softcap = head_transform(model)
     rows = max(1, logits_budget_bytes // (4 * vocab))
     parts = []
     for lo in range(0, hidden.shape[0], rows):
         h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
         if grad:
-            parts.append(checkpoint(_block_logprobs, head, softcap, temperature, h, t,
+            parts.append(checkpoint(_block_logprobs, head, scale, softcap, temperature, h, t,
                                     use_reentrant=False))
         else:
-            parts.append(_block_logprobs(head, softcap, temperature, h, t))
+            parts.append(_block_logprobs(head, scale, softcap, temperature, h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -103,3 +115,25 @@ def score_sequences(
             out[i] = logps[offset : offset + n]
             offset += n
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def check_head(model: Any, tolerance: float = 1e-3) -> None:
+    """Score a short probe through the decoder + head path and through the model's own forward;
+    refuse the model when they differ (an output transformation ``head_transform`` does not
+    know would make every log-prob silently wrong)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    probe = [(7 * k + 3) % vocab for k in range(8)]
+    (ours,) = score_sequences(model, [probe], [(1, len(probe))])
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([probe], device=device)).logits[0, :-1].float()
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(probe[1:], device=device)[:, None])
+    tol = tolerance if next(model.parameters()).dtype == torch.float32 else 50 * tolerance
+    # NaN where the forward gives NaN too is consistent (scoring then names the sequence)
+    if not torch.isclose(ours, ref[:, 0], rtol=0.0, atol=tol, equal_nan=True).all():
+        diff = float((ours - ref[:, 0]).abs().nan_to_num(float("inf")).max())
+        raise ValueError(
+            f"crossopd cannot reproduce the output head of {type(model).__name__}: its forward's "
+            f"log-probs differ from the decoder + head path by {diff:.3g} (an unknown logit "
+            "scaling or soft-capping?); such a model would be scored wrongly, so it is refused"
+        )

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.scoring import score_sequences
+from crossopd.scoring import check_head, score_sequences
 from crossopd.teachers import TeacherError, check_spans
 
 
@@ -35,6 +35,7 @@ class HFTeacher:
         cfg = model.config
         self.max_length = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        check_head(self.model)
 
     @classmethod
     def from_pretrained(cls, src: Any, device: str | None = None, dtype: Any = None,
