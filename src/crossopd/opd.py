@@ -166,8 +166,10 @@ def sample_rollouts(
     c: Components, examples: Sequence[Example], rollout: RolloutConfig
 ) -> tuple[list[Example], list[list[int]], list[np.ndarray]]:
     """(examples, student prompt ids, sampled response ids), ``samples_per_prompt`` each."""
-    exs = [e for e in examples for _ in range(rollout.samples_per_prompt)]
-    prompts = [c.student_fmt.prompt_ids(e.messages) for e in exs]
+    n = rollout.samples_per_prompt
+    exs = [e for e in examples for _ in range(n)]
+    # one template rendering per prompt, repeated for its samples
+    prompts = [p for e in examples for p in [c.student_fmt.prompt_ids(e.messages)] * n]
     with c.student_autocast():
         responses = sample(c.student, prompts, max_new_tokens=rollout.max_new_tokens,
                            temperature=rollout.temperature, top_p=rollout.top_p,
