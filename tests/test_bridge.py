@@ -96,9 +96,10 @@ def _check_request(req, sv, tv, s_fmt, t_fmt, t_tok, student_markers):
         assert marker not in t_prompt
     body = req.student_response if req.student_stop_index is None else \
         req.student_response[: req.student_stop_index]
-    # response bytes identical on both sides
-    assert tv.concat_bytes(req.teacher_ids[req.response_start : req.response_end]) == \
-        sv.concat_bytes(body)
+    # response bytes identical on both sides (after the seam bytes the teacher's first
+    # scored token may carry)
+    t_bytes = tv.concat_bytes(req.teacher_ids[req.response_start : req.response_end])
+    assert t_bytes[req.lead:] == sv.concat_bytes(body)
     a = align_bridged(req, sv, tv)
     assert a.coverage == 1.0
     if req.student_stop_index is not None:
@@ -251,3 +252,127 @@ def test_gemma_student_stop_chunk_pairs_end_of_turn(get_vocab, gemma_chat, smol_
     assert req.student_stop_index == len(resp) - 1
     a = align_bridged(req, sv, tv)
     assert a.student_chunk[-1] == a.num_chunks - 1 and a.coverage == 1.0
+
+
+# ---------------------------------------------------------------- the seam and the overlap
+R1_TEMPLATE = (  # DeepSeek-R1-Distill style: the generation prompt opens the reasoning block
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n<think>\n' }}"
+    "{% endif %}"
+)
+CHATML_THINK = (  # a ChatML student whose generation prompt also opens the reasoning block
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+)
+
+
+def _teacher_text(req, t_tok) -> tuple[str, str]:
+    """(teacher prompt, teacher scored text) as the teacher's tokenizer reads them."""
+    return (t_tok.decode(req.teacher_ids[: req.response_start]),
+            t_tok.decode(req.teacher_ids[req.response_start : req.stop_end]))
+
+
+def test_seam_found_from_the_template(gemma_plain, gemma_chat, smol_chat, llama3_chat):
+    assert gemma_plain[0].seam == " "  # "Answer:" + " " + content
+    assert gemma_chat[0].seam == ""
+    assert smol_chat.seam == ""
+    assert llama3_chat[0].seam == ""
+    tok = load_hf_tokenizer("smollm2")
+    tok.chat_template = THINK_TEMPLATE  # an empty <think></think> on past turns is not a seam
+    assert ChatFormat.from_tokenizer(tok).seam == ""
+
+
+@pytest.mark.parametrize("answer", ["25", "The answer is 25."])
+def test_plain_teacher_gets_its_seam_for_a_chat_student(get_vocab, smol_chat, gemma_plain,
+                                                        answer):
+    # SmolLM2's ChatML answer starts right after "assistant\n"; glued onto the teacher's
+    # "Answer:" it would read "Answer:25", a format error the student never made
+    t_fmt, t_tok = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    req = build_teacher_request(MESSAGES, _sample(sv, answer, smol_chat.end_of_turn_ids[0]),
+                                smol_chat, t_fmt, sv, tv)
+    prompt, scored = _teacher_text(req, t_tok)
+    assert (prompt + scored).endswith("\nAnswer: " + answer + "\n\nQuestion:")
+    a, _ = _check_request(req, sv, tv, smol_chat, t_fmt, t_tok, ["<|im_start|>"])
+    # the teacher's tokens are its canonical ones for the whole text, seam included
+    canonical = t_fmt.encode_prompt(t_fmt.render(MESSAGES) + " " + answer + "\n\nQuestion:")
+    assert req.teacher_ids == canonical
+    if answer.startswith("The"):  # Gemma spells " The" as one token: the seam rides along
+        assert req.lead == 1 and t_tok.convert_ids_to_tokens(req.teacher_ids[req.response_start]) \
+            == "\u2581The"
+        assert a.student_chunk[0] == a.teacher_chunk[0] == 0
+    else:  # digits stand alone: the seam token is prompt
+        assert req.lead == 0 and prompt.endswith("Answer: ")
+
+
+def test_student_that_writes_the_seam_is_scored_once(get_vocab, smol_chat, gemma_plain):
+    t_fmt, t_tok = gemma_plain
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    req = build_teacher_request(MESSAGES, _sample(sv, " 25", None), smol_chat, t_fmt, sv, tv)
+    prompt, scored = _teacher_text(req, t_tok)
+    assert prompt.endswith("\nAnswer:") and scored == " 25"
+
+
+@pytest.mark.parametrize("answer,expected", [("25", "Answer:25"), (" 25", "Answer: 25")])
+def test_shared_plain_format_scores_the_response_as_written(get_vocab, answer, expected):
+    # both formats leave the space after "Answer:" to the model: a student that skips it is
+    # judged on what it wrote, and the teacher's context is the student's own
+    tok = load_hf_tokenizer("smollm2")
+    fmt = ChatFormat.from_tokenizer(tok, plain_template="Question: {prompt}\nAnswer:",
+                                    stop="\n\nQuestion:")
+    sv = get_vocab("smollm2")
+    req = build_teacher_request(MESSAGES, _sample(sv, answer, None), fmt, fmt, sv, sv)
+    prompt, scored = _teacher_text(req, tok)
+    assert (prompt + scored).endswith(expected)
+    assert req.teacher_ids[: req.response_start] == fmt.prompt_ids(MESSAGES)
+
+
+@pytest.fixture(scope="session")
+def gemma_r1():
+    tok = load_hf_tokenizer("gemma3-270m")
+    tok.chat_template = R1_TEMPLATE
+    return ChatFormat.from_tokenizer(tok), tok
+
+
+def test_think_opening_in_teacher_prompt_is_not_repeated(get_vocab, smol_chat, gemma_r1):
+    t_fmt, t_tok = gemma_r1
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    text = "<think>\nSeven twelves.</think>\n84"
+    req = build_teacher_request(MESSAGES, _sample(sv, text, smol_chat.end_of_turn_ids[0]),
+                                smol_chat, t_fmt, sv, tv)
+    prompt, scored = _teacher_text(req, t_tok)
+    assert (prompt + scored).count("<think>") == 1
+    assert prompt.endswith("<start_of_turn>model\n") and scored.startswith(text)
+    _check_request(req, sv, tv, smol_chat, t_fmt, t_tok, ["<|im_start|>"])
+    # a student that does not open a reasoning block gets the teacher's own opening
+    req = build_teacher_request(MESSAGES, _sample(sv, "84", None), smol_chat, t_fmt, sv, tv)
+    prompt, scored = _teacher_text(req, t_tok)
+    assert prompt.endswith("model\n<think>\n") and scored == "84"
+
+
+def test_think_repeated_after_own_opening_is_kept(get_vocab, gemma_r1):
+    # the student's own prompt already opened the block: writing <think> again is the
+    # student's choice, and the teacher sees it, as the student did
+    t_fmt, t_tok = gemma_r1
+    tok = load_hf_tokenizer("smollm2")
+    tok.chat_template = CHATML_THINK
+    s_fmt = ChatFormat.from_tokenizer(tok)
+    sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
+    req = build_teacher_request(MESSAGES, _sample(sv, "<think>\nHm.</think>\n84", None),
+                                s_fmt, t_fmt, sv, tv)
+    prompt, scored = _teacher_text(req, t_tok)
+    assert (prompt + scored).count("<think>") == 2
+
+
+def test_response_overlap_definition():
+    from crossopd.bridge import response_overlap
+
+    assert response_overlap(b"Answer: ", b" 25", b"Answer:") == 1
+    assert response_overlap(b"model\n<think>\n", b"<think>\nx", b"assistant\n") == 8
+    assert response_overlap(b"model\n", b"\nx", b"assistant\n") == 0  # student's own newline
+    assert response_overlap(b"ab", b"cd", b"") == 0
+    # never cut the prefix inside a UTF-8 character
+    assert response_overlap("x\u00e9".encode(), b"\xa9y", b"") == 0

@@ -126,6 +126,34 @@ def test_doctor_terminal_report_with_explicit_plain_template(capsys):
     assert "teacher has no chat template" not in out
 
 
+def test_doctor_score_measures_seam_and_stop(capsys):
+    # Gemma 3 270M scores the bundled pair's format: with the seam rendered, the first response
+    # token costs about what the rest does (glued onto "Answer:" it cost 7 nats more)
+    assert main(["doctor", "--student", "smollm2", "--teacher", "gemma3-270m", "--score",
+                 "--device", "cpu", "--teacher-template", "Question: {prompt}\nAnswer:",
+                 "--teacher-stop", "\n\nQuestion:", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    costs = r["format_costs"]
+    assert costs["rest_per_token"] < 0 and costs["stop_chunk"] < 0
+    assert costs["first_token"] > costs["rest_per_token"] - 3.0
+    assert not any("seam" in w for w in r["warnings"])
+
+
+def test_format_cost_warnings_name_the_seam_and_the_stop():
+    from crossopd.doctor import check_format_costs
+
+    warnings: list[str] = []
+    check_format_costs({"first_token": -7.9, "rest_per_token": -0.9, "stop_chunk": -6.0},
+                       warnings)
+    assert len(warnings) == 2
+    assert "seam" in warnings[0] and "7.0 nats" in warnings[0]
+    assert "end-of-turn" in warnings[1]
+    warnings.clear()
+    check_format_costs({"first_token": -2.4, "rest_per_token": -0.9, "stop_chunk": -3.1},
+                       warnings)
+    assert warnings == []
+
+
 def test_readme_python_snippet_runs():
     """The README's Python API block runs as written and gives one target per student token."""
     import re

@@ -311,3 +311,39 @@ def test_step_without_signal_keeps_the_schedule_in_lockstep():
     out = update(c, s, opt, sched, LossConfig())
     assert out["loss"] == 0.0 and sched.last_epoch == 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("policy", ["penalize", "mask", "stop"])
+def test_special_token_mid_response_follows_the_policy(tiny, policy):
+    """SmolLM2's <|endoftext|> (id 0) is not its end-of-turn: sampled mid-response it is penalized
+    (advantage -special_penalty), masked, or ends the turn like the end-of-turn; always counted."""
+    from crossopd.build import build_components
+    from crossopd.loss import advantages
+    from crossopd.opd import score_rollouts
+    from crossopd.prompts import Example
+
+    cfg = load_config(None, [f"student.model={tiny['student']}", f"teacher.model={tiny['teacher']}",
+                             *(f"teacher.{k}={v}" for k, v in PLAIN.items()), "device=cpu",
+                             f"rollout.special_tokens={policy}", "rollout.special_penalty=3"])
+    c = build_components(cfg)
+    endoftext = c.student_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert (endoftext in c.student_fmt.stop_ids) == (policy == "stop")
+    ex = Example([{"role": "user", "content": "What is 2 + 3?"}])
+    body = c.sv.encode_bytes(b"5, then")
+    response = np.array(body + [endoftext] + c.sv.encode_bytes(b" more"), dtype=np.int64)
+    k = len(body)  # index of the special token
+    s = score_rollouts(c, [ex], [c.student_fmt.prompt_ids(ex.messages)], [response],
+                       credit_rule="proportional", max_batch_tokens=4096,
+                       special_penalty=cfg.rollout.special_token_penalty())
+    adv, valid = advantages(s.targets[0], s.old_logps[0], torch.ones(len(response), dtype=bool))
+    if policy == "penalize":
+        assert valid[k] and adv[k].item() == pytest.approx(-3.0)
+        assert s.stats["penalized_special_tokens"] == 1 and s.stats["masked_special_tokens"] == 0
+    else:  # "stop" here scores a response sampled past the stop, as another engine might
+        assert not valid[k]
+        assert s.stats["penalized_special_tokens"] == 0 and s.stats["masked_special_tokens"] == 1
+    assert valid[:k].all() and s.stats["kl_per_token"] < 50  # the penalty is not a KL
+    if policy == "stop":  # a sample that ends on it gets a stop chunk, as at the end-of-turn
+        s = score_rollouts(c, [ex], [c.student_fmt.prompt_ids(ex.messages)],
+                           [response[: k + 1]], credit_rule="proportional", max_batch_tokens=4096)
+        assert s.stats["stop_chunks"] == 1 and s.stats["masked_special_tokens"] == 0

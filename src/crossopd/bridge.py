@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from crossopd.align import Alignment, align
+from crossopd.align import Alignment, align, align_lengths
 from crossopd.tokens import ByteVocab
 
 Message = dict[str, str]
@@ -66,16 +66,22 @@ class ChatFormat:
     stop_ids: set[int] = field(default_factory=set)  # student ids that end a sampled turn
     max_length: int | None = None
     has_chat_template: bool = True
+    # whitespace the format puts between the generation prompt and an assistant turn's content
+    # (the plain format's " " after "Answer:"); the teacher's prefix includes it
+    seam: str = ""
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         _check_messages(messages)
         return self.render_fn(list(messages), add_generation_prompt)
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        ids = self.tokenize_fn(self.render(messages, add_generation_prompt=True))
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenize_fn(text)
         if self.bos_ids and ids[: len(self.bos_ids)] != self.bos_ids:
             ids = self.bos_ids + ids
         return ids
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode_prompt(self.render(messages, add_generation_prompt=True))
 
     @classmethod
     def from_tokenizer(
@@ -145,6 +151,7 @@ class ChatFormat:
             stop_ids=stop_ids,
             max_length=max_len if max_len and max_len < 10**9 else None,
             has_chat_template=has_template,
+            seam=_discover_seam(render),
         )
 
 
@@ -169,6 +176,34 @@ def _discover_end_of_turn(render: Callable[[list[Message], bool], str]) -> str:
     if pos < 0:
         return ""
     return text[pos + len(SENTINEL):].rstrip(" \n")
+
+
+def _discover_seam(render: Callable[[list[Message], bool], str]) -> str:
+    """What an assistant turn's rendering adds between the generation prompt and the content,
+    when it is whitespace. Other additions (Qwen3 puts an empty ``<think></think>`` block on past
+    turns) describe history, not what the model generates next: no seam."""
+    user = [{"role": "user", "content": "Hi"}]
+    gen = render(user, True)
+    full = render(user + [{"role": "assistant", "content": SENTINEL}], False)
+    pos = full.find(SENTINEL)
+    if pos < 0 or not full.startswith(gen):
+        return ""
+    seam = full[len(gen):pos]
+    return seam if not seam.strip() else ""
+
+
+def response_overlap(prefix: bytes, response: bytes, student_prompt: bytes,
+                     limit: int = 64) -> int:
+    """How many bytes at the start of ``response`` the teacher's ``prefix`` already ends with,
+    so they are scored once, as response (a student that writes the seam space itself, or opens
+    with the ``<think>\\n`` the teacher's generation prompt ends with). Bytes the student's own
+    prompt ends with too are a real repetition the student chose: no overlap then."""
+    for k in range(min(len(prefix), len(response), limit), 0, -1):
+        head = response[:k]
+        if (prefix.endswith(head) and not student_prompt.endswith(head)
+                and prefix[-k] & 0xC0 != 0x80):  # cut the prefix at a character boundary
+            return k
+    return 0
 
 
 def _plain_renderer(template: str, stop: str) -> Callable[[list[Message], bool], str]:
@@ -210,6 +245,8 @@ class TeacherRequest:
     student_response: np.ndarray  # the sampled ids, exactly as sampled
     student_stop_index: int | None  # index in student_response of its end-of-turn token
     overflow: bool  # teacher prompt + response exceeds the teacher's context: no signal
+    # seam bytes the first scored teacher token spells before the response's own bytes
+    lead: int = 0
 
     @property
     def scored_span(self) -> tuple[int, int]:
@@ -227,22 +264,41 @@ def build_teacher_request(
     reference: str | None = None,
     max_length: int | None = None,
 ) -> TeacherRequest:
-    """Teacher ids = teacher's own prompt + the response bytes + its end-of-turn marker (only
-    when the student ended its turn). Never re-tokenizes the student's ids. ``max_length`` (the
-    teacher model's context; default the tokenizer's) marks longer requests as overflowed."""
+    """Teacher ids = teacher's own prompt (and seam) + the response bytes + its end-of-turn marker
+    (only when the student ended its turn). Never re-tokenizes the student's ids. Response bytes
+    that the teacher's prefix already ends with are scored once (``response_overlap``).
+    ``max_length`` (the teacher model's context; default the tokenizer's) marks longer requests
+    as overflowed."""
     resp = sv.check_ids(student_response, "student")
     stop_index = None
     if resp.size and int(resp[-1]) in student.stop_ids:
         stop_index = resp.size - 1
     body = resp if stop_index is None else resp[:stop_index]
     t_messages = (context or TeacherContext()).apply(messages, reference)
-    prompt = teacher.prompt_ids(t_messages)
+    data = sv.concat_bytes(body)
+    # A seam both formats share is left to the model, as each format does: a student that
+    # skips it is scored as written. A seam only the teacher's format has is rendered.
+    seam = (teacher.seam if teacher.seam != student.seam else "").encode("utf-8")
+    prefix = teacher.render(t_messages).encode("utf-8")
+    keep = len(prefix) + len(seam) - response_overlap(
+        prefix + seam, data, student.render(messages).encode("utf-8"))
+    prompt = teacher.encode_prompt(prefix[: min(keep, len(prefix))].decode("utf-8"))
+    lead = seam[: max(keep - len(prefix), 0)]  # seam bytes the response does not supply
     if sv.fingerprint == tv.fingerprint:
         # same vocabulary: score the sampled ids themselves, so OPD reduces exactly to standard
         # same-tokenizer OPD (1:1 chunks) even for non-canonical samples
-        t_resp = body.tolist()
+        prompt += tv.encode_bytes(lead)
+        t_resp, lead = body.tolist(), b""
     else:
-        t_resp = tv.encode_bytes(sv.concat_bytes(body))
+        # the seam is tokenized with the response: Gemma scores "Answer:" + "▁The" 16 nats
+        # above "Answer:▁" + "The". Tokens inside the seam join the prompt; a token that
+        # straddles seam and response is scored, and its seam bytes are its ``lead``.
+        t_resp = tv.encode_bytes(lead + data)
+        ends = np.cumsum(tv.lengths[np.asarray(t_resp, dtype=np.int64)])
+        n_seam = int(np.searchsorted(ends, len(lead), side="right"))
+        if n_seam:
+            prompt += t_resp[:n_seam]
+            t_resp, lead = t_resp[n_seam:], lead[int(ends[n_seam - 1]):]
     stop = list(teacher.end_of_turn_ids) if stop_index is not None else []
     ids = prompt + t_resp + stop
     limit = max_length or teacher.max_length
@@ -255,6 +311,7 @@ def build_teacher_request(
         student_response=resp,
         student_stop_index=stop_index,
         overflow=overflow,
+        lead=len(lead),
     )
 
 
@@ -269,7 +326,14 @@ def align_bridged(req: TeacherRequest, sv: ByteVocab, tv: ByteVocab) -> Alignmen
         return Alignment.unaligned(s_len, t_len)
     n_body_t = req.response_end - req.response_start
     body = s if req.student_stop_index is None else s[: req.student_stop_index]
-    a = align(body, t_scored[:n_body_t], sv, tv)
+    if req.lead:  # the seam belongs to the first teacher token's chunk, not to any byte of body
+        t_len = t_len.copy()
+        t_len[0] -= req.lead
+        t_body = t_scored[:n_body_t]
+        a = align_lengths(sv.lengths[body], t_len[:n_body_t], sv.concat_bytes(body),
+                          tv.concat_bytes(t_body)[req.lead:])
+    else:
+        a = align(body, t_scored[:n_body_t], sv, tv)
     if body.size == s.size:
         return a
     stop = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from crossopd.bridge import ChatFormat, TeacherContext
@@ -59,6 +60,8 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
                                    teacher_fmt=teacher_fmt,
                                    context=TeacherContext(system=t_cfg.system))
     c.compute_dtype = getattr(torch, cfg.student.dtype)
+    if cfg.rollout.special_tokens == "stop":
+        c.student_fmt.stop_ids |= {int(i) for i in np.flatnonzero(c.sv.special)}
     return c
 
 

@@ -126,7 +126,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from crossopd.doctor import render_report, run_doctor
 
-    report = run_doctor(args.student, args.teacher, args.teacher_template, args.teacher_stop)
+    scorer = None
+    if args.score:
+        from crossopd.teachers.hf import HFTeacher
+
+        scorer = HFTeacher.from_pretrained(args.teacher, device=args.device)
+    report = run_doctor(args.student, args.teacher, args.teacher_template, args.teacher_stop,
+                        scorer=scorer)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -219,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "chat template, e.g. 'Question: {prompt}\\nAnswer:'")
     doc.add_argument("--teacher-stop", help="what ends the teacher's answer (with a plain "
                      "template), e.g. '\\n\\nQuestion:'")
+    doc.add_argument("--score", action="store_true", help="load the teacher model and measure "
+                     "its log-probs of sample answers: first token (the prompt/response seam), "
+                     "the rest, the stop chunk; warns when the format costs nats")
+    doc.add_argument("--device", default=None, help="device for --score (default: cuda if "
+                     "available)")
     doc.add_argument("--json", action="store_true", help="print one JSON object")
     doc.set_defaults(func=cmd_doctor)
 

@@ -70,6 +70,14 @@ class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    # a special (byteless) token sampled mid-response, not the end-of-turn, which no teacher can
+    # score: penalize (advantage -special_penalty) | stop (it ends the turn, like the
+    # end-of-turn) | mask (no signal); counted in the metrics either way
+    special_tokens: str = "penalize"
+    special_penalty: float = 5.0
+
+    def special_token_penalty(self) -> float | None:
+        return self.special_penalty if self.special_tokens == "penalize" else None
 
 
 @dataclass
@@ -245,6 +253,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
     if not 0 < cfg.rollout.top_p <= 1 or cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 and rollout.top_p in (0, 1]")
+    if cfg.rollout.special_tokens not in ("penalize", "stop", "mask"):
+        raise ConfigError(f"rollout.special_tokens {cfg.rollout.special_tokens!r}: penalize, "
+                          "stop or mask")
+    if not 0 <= cfg.rollout.special_penalty < float("inf"):
+        raise ConfigError("rollout.special_penalty must be a finite number >= 0, got "
+                          f"{cfg.rollout.special_penalty}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if bool(cfg.teacher.model) == bool(cfg.teacher.urls):

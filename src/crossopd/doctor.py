@@ -17,6 +17,7 @@ from crossopd.bridge import (
     DEFAULT_PLAIN_TEMPLATE,
     ChatFormat,
     TemplateError,
+    build_teacher_request,
 )
 from crossopd.hub import load_hf_tokenizer
 from crossopd.tokens import ByteVocab, UnsupportedTokenizerError
@@ -33,6 +34,10 @@ SAMPLE_CONVERSATION = [
     {"role": "system", "content": "You are a careful math tutor."},
     {"role": "user", "content": "What is 12 × 7?"},
 ]
+SAMPLE_ANSWERS = ("84", "12 × 7 = 84.", "The answer is 84.")
+# A first token (or stop chunk) this many nats below the rest of the response means the
+# teacher is judging the format (a wrong seam or end marker), not the answer.
+FORMAT_COST_WARN = 3.0
 
 
 def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
@@ -69,7 +74,8 @@ def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
 
 
 def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
-               teacher_stop: str | None = None) -> dict:
+               teacher_stop: str | None = None, scorer: Any = None) -> dict:
+    """``scorer``: a loaded teacher (anything with ``score``) to measure ``format_costs``."""
     sv, tv = ByteVocab.from_pretrained(student), ByteVocab.from_pretrained(teacher)
     warnings: list[str] = []
     s_info, s_fmt = _side(student, sv, warnings, "student", None, None)
@@ -92,6 +98,10 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
     if mean_cov < 0.99:
         warnings.append(f"mean alignment coverage is {mean_cov:.3f}: part of every response will "
                         "get no teacher signal")
+    costs = None
+    if scorer is not None and s_fmt and t_fmt:
+        costs = format_costs(s_fmt, t_fmt, sv, tv, scorer)
+        check_format_costs(costs, warnings)
     return {
         "student": s_info,
         "teacher": t_info,
@@ -100,8 +110,49 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
         "mean_one_to_one_share": float(np.mean([s["one_to_one_share"] for s in samples])),
         "student_prompt": s_fmt.render(SAMPLE_CONVERSATION) if s_fmt else None,
         "teacher_prompt": t_fmt.render(SAMPLE_CONVERSATION) if t_fmt else None,
+        "format_costs": costs,
         "warnings": warnings,
     }
+
+
+def format_costs(s_fmt: ChatFormat, t_fmt: ChatFormat, sv: ByteVocab, tv: ByteVocab,
+                 teacher: Any) -> dict:
+    """The teacher's log-probs, through the bridge, of short correct answers to
+    ``SAMPLE_CONVERSATION`` written in the student's format: first response token, the rest
+    (mean per token) and the stop chunk (teacher end-of-turn tokens, summed)."""
+    stop_id = (s_fmt.end_of_turn_ids[0] if len(s_fmt.end_of_turn_ids) == 1
+               else min(s_fmt.stop_ids, default=None))
+    first, rest, stop = [], [], []
+    for answer in SAMPLE_ANSWERS:
+        ids = sv.encode_bytes((s_fmt.seam + answer).encode("utf-8"))
+        resp = ids + ([stop_id] if stop_id is not None else [])
+        req = build_teacher_request(SAMPLE_CONVERSATION, resp, s_fmt, t_fmt, sv, tv)
+        lp = teacher.score([req.teacher_ids], [req.scored_span])[0]
+        n_body = req.response_end - req.response_start
+        first.append(lp[0])
+        rest.extend(lp[1:n_body])
+        if req.stop_end > req.response_end:
+            stop.append(lp[n_body:].sum())
+    return {"first_token": float(np.mean(first)),
+            "rest_per_token": float(np.mean(rest)) if rest else None,
+            "stop_chunk": float(np.mean(stop)) if stop else None,
+            "answers": list(SAMPLE_ANSWERS)}
+
+
+def check_format_costs(costs: dict, warnings: list[str]) -> None:
+    rest = costs["rest_per_token"]
+    if rest is None:
+        return
+    if costs["first_token"] < rest - FORMAT_COST_WARN:
+        warnings.append(
+            f"the teacher gives the first response token {costs['first_token']:.2f} nats vs "
+            f"{rest:.2f} per token for the rest: the seam between prompt and response costs "
+            "about {:.1f} nats on every response; check the teacher's template (a plain "
+            "template's answer usually follows a space)".format(rest - costs["first_token"]))
+    if costs["stop_chunk"] is not None and costs["stop_chunk"] < rest - FORMAT_COST_WARN:
+        warnings.append(
+            f"the teacher gives its end-of-turn {costs['stop_chunk']:.2f} nats after a complete "
+            f"answer (the rest: {rest:.2f} per token): check teacher.stop / the end-of-turn")
 
 
 def render_report(r: dict, student: str, teacher: str) -> str:
@@ -118,5 +169,14 @@ def render_report(r: dict, student: str, teacher: str) -> str:
                      f"{s['text'][:50]!r}")
     lines += ["", "student prompt:", repr(r["student_prompt"]), "", "teacher prompt:",
               repr(r["teacher_prompt"]), ""]
+    costs = r.get("format_costs")
+    if costs:
+        stop = "none" if costs["stop_chunk"] is None else f"{costs['stop_chunk']:.2f}"
+        rest = "n/a" if costs["rest_per_token"] is None else f"{costs['rest_per_token']:.2f}"
+        lines += [f"teacher log-probs of {len(costs['answers'])} sample answers: first token "
+                  f"{costs['first_token']:.2f}, rest {rest} per token, stop chunk {stop}", ""]
+    else:
+        lines += ["(add --score to measure what the seam and the stop cost with the teacher "
+                  "model)", ""]
     lines += [f"warning: {w}" for w in r["warnings"]] or ["no warnings"]
     return "\n".join(lines)

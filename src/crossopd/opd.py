@@ -118,15 +118,18 @@ class StepStats:
     special tokens, or a sequence that overflowed the teacher's context."""
 
     KEYS = ("sequences", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
-            "unaligned_tokens", "masked_special", "stop_chunks", "stopped", "overflowed",
-            "signal_tokens", "kl_sum")
+            "unaligned_tokens", "masked_special", "penalized_special", "stop_chunks", "stopped",
+            "overflowed", "signal_tokens", "kl_sum")
 
     def __init__(self, totals: dict[str, float] | None = None) -> None:
         """``totals``: sums to start from, e.g. the sums of several processes added up."""
         self.totals: dict[str, float] = dict.fromkeys(self.KEYS, 0.0)
         self.totals.update(totals or {})
 
-    def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q: np.ndarray) -> None:
+    def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q: np.ndarray,
+            penalized: int = 0) -> None:
+        """``q``: the teacher's credit targets (before special-token penalties); ``penalized``:
+        special tokens that got a penalty instead of no signal."""
         c, counts = self.totals, a.counts
         c["sequences"] += 1
         c["tokens"] += len(logps)
@@ -136,7 +139,8 @@ class StepStats:
         c["one_to_one"] += counts["one_to_one_chunks"]
         c["unaligned_tokens"] += counts["unaligned_student_tokens"]
         stop = req.student_stop_index is not None and not req.overflow
-        c["masked_special"] += counts["special_student_tokens"] - int(stop)
+        c["masked_special"] += counts["special_student_tokens"] - int(stop) - penalized
+        c["penalized_special"] += penalized
         c["stop_chunks"] += int(stop)
         c["stopped"] += int(req.student_stop_index is not None)
         c["overflowed"] += int(req.overflow)
@@ -153,6 +157,7 @@ class StepStats:
             "one_to_one_share": c["one_to_one"] / max(c["chunks"], 1),
             "unaligned_tokens": c["unaligned_tokens"],
             "masked_special_tokens": c["masked_special"],
+            "penalized_special_tokens": c["penalized_special"],
             "stop_chunks": c["stop_chunks"],
             "stop_rate": c["stopped"] / max(c["sequences"], 1),
             "overflowed_sequences": c["overflowed"],
@@ -187,12 +192,14 @@ def score_rollouts(
     max_batch_tokens: int,
     old_logps: Sequence[torch.Tensor] | None = None,
     temperature: float = 1.0,
+    special_penalty: float | None = None,
 ) -> Scored:
     """Teacher scoring, alignment and credit for sampled responses (from any rollout engine).
 
     ``old_logps`` are the student's rollout-time log-probs of each response token under the
     sampling distribution; when not given they are computed here with the student at
-    ``temperature``."""
+    ``temperature``. ``special_penalty``: the advantage ``-special_penalty`` for special
+    tokens sampled mid-response (``None``: they get no signal)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     reqs: list[TeacherRequest] = [
@@ -224,12 +231,27 @@ def score_rollouts(
             q = assign_credit(a, teacher_lp[i], lp.numpy(), rule=credit_rule)
         else:
             q = np.full(len(lp), np.nan)
-        targets.append(torch.from_numpy(np.asarray(q, dtype=np.float64)))
-        stats.add(a, req, lp.numpy(), q)
+        q = np.asarray(q, dtype=np.float64)
+        stats.add(a, req, lp.numpy(), q, penalized=_penalize_specials(
+            q, lp.numpy(), req, c.sv.special, special_penalty))
+        targets.append(torch.from_numpy(q))
     times["align_credit"] = time.perf_counter() - t0
     out = stats.result()
     add_timings(out, times, sum(len(r) for r in responses))
     return Scored(sequences, spans, old, targets, out, dict(stats.totals), times)
+
+
+def _penalize_specials(q: np.ndarray, logps: np.ndarray, req: TeacherRequest,
+                       special: np.ndarray, penalty: float | None) -> int:
+    """Targets that give special tokens sampled mid-response the advantage ``-penalty``, in
+    place; returns how many. Teacher-independent: no teacher writes such a token."""
+    if penalty is None:
+        return 0
+    hit = special[req.student_response]
+    if req.student_stop_index is not None:
+        hit[req.student_stop_index] = False
+    q[hit] = logps[hit] - penalty
+    return int(hit.sum())
 
 
 def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -> None:
@@ -252,7 +274,8 @@ def rollout_and_score(
     exs, prompts, responses = sample_rollouts(c, examples, rollout)
     t_rollout = time.perf_counter() - t0
     scored = score_rollouts(c, exs, prompts, responses, credit_rule=credit_rule,
-                            max_batch_tokens=max_batch_tokens, temperature=rollout.temperature)
+                            max_batch_tokens=max_batch_tokens, temperature=rollout.temperature,
+                            special_penalty=rollout.special_token_penalty())
     scored.times["rollout"] = t_rollout
     add_timings(scored.stats, {"rollout": t_rollout}, int(scored.stats["response_tokens"]))
     return scored

@@ -56,13 +56,15 @@ class OPDTrainer(GRPOTrainer):
     messages) and may carry ``answer`` and ``reference`` (teacher-only context)."""
 
     def __init__(self, *args: Any, components: Components, credit_rule: str = "proportional",
-                 adv_clamp: float = 10.0, max_batch_tokens: int = 8192, **kwargs: Any) -> None:
+                 adv_clamp: float = 10.0, max_batch_tokens: int = 8192,
+                 special_penalty: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("reward_funcs", no_reward)
         super().__init__(*args, **kwargs)
         self.opd = components
         self.credit_rule = credit_rule
         self.adv_clamp = adv_clamp
         self.max_batch_tokens = max_batch_tokens
+        self.special_penalty = special_penalty
         self.last_step_stats: dict[str, float] = {}
 
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
@@ -87,7 +89,8 @@ class OPDTrainer(GRPOTrainer):
                             reference=r.get("reference")) for r in inputs]
         scored = score_rollouts(self.opd, examples, prompts, responses,
                                 credit_rule=self.credit_rule,
-                                max_batch_tokens=self.max_batch_tokens, old_logps=old_list)
+                                max_batch_tokens=self.max_batch_tokens, old_logps=old_list,
+                                special_penalty=self.special_penalty)
         adv = torch.zeros(c_ids.shape, dtype=torch.float32, device=c_ids.device)
         signal = torch.zeros(c_ids.shape, dtype=c_mask.dtype, device=c_ids.device)
         for i, (q, o) in enumerate(zip(scored.targets, old_list)):
@@ -256,7 +259,8 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     trainer = OPDTrainer(model=c.student, args=args, train_dataset=as_dataset(examples),
                          processing_class=c.student_tokenizer, peft_config=lora_config(cfg),
                          components=c, credit_rule=cfg.credit_rule,
-                         adv_clamp=cfg.loss.adv_clamp, max_batch_tokens=cfg.max_batch_tokens)
+                         adv_clamp=cfg.loss.adv_clamp, max_batch_tokens=cfg.max_batch_tokens,
+                         special_penalty=cfg.rollout.special_token_penalty())
     trainer.add_callback(MetricsCallback(trainer, metrics_path))
 
     def run_eval(step: int) -> dict:
