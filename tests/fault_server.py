@@ -1,28 +1,49 @@
 """A real HTTP server on 127.0.0.1 that misbehaves on purpose, for the HTTP teacher's fault tests.
 
-Usage: python fault_server.py MODE PORT, MODE one of: http500, malformed, slow, short, ok.
-'ok' answers a well-formed prompt_logprobs response with logprob -1.0 for every token.
+Usage: python fault_server.py MODE PORT, MODE one of: http500, malformed, slow, short, ok,
+retry_after (HTTP 429 with Retry-After: 1 to the first request, then ok), http400, http503
+(always 503, Retry-After: 0), echo_auth (HTTP 400 quoting the Authorization header). 'ok'
+answers a well-formed prompt_logprobs response with logprob -1.0 for every token. GET /count
+answers how many POSTs arrived.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODE = sys.argv[1]
+POSTS = 0
+COUNT_LOCK = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output quiet
         pass
 
+    def do_GET(self):
+        self._send(200, json.dumps({"posts": POSTS}).encode())
+
     def do_POST(self):
+        global POSTS
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with COUNT_LOCK:
+            POSTS += 1
+            first = POSTS == 1
         ids = body["prompt"]
         if MODE == "http500":
             return self._send(500, b'{"error": "boom"}')
+        if MODE == "http400":
+            return self._send(400, b'{"error": "bad request"}')
+        if MODE == "echo_auth":  # a careless server that quotes request headers in errors
+            return self._send(400, json.dumps({"error": self.headers["Authorization"]}).encode())
+        if MODE == "http503":
+            return self._send(503, b'{"error": "busy"}', {"Retry-After": "0"})
+        if MODE == "retry_after" and first:
+            return self._send(429, b'{"error": "queue full"}', {"Retry-After": "1"})
         if MODE == "malformed":
             return self._send(200, b'{"choices": [{"prompt_logprobs": [null, {"1": ')
         if MODE == "slow":
@@ -32,8 +53,10 @@ class Handler(BaseHTTPRequestHandler):
             entries = entries[:-1]
         self._send(200, json.dumps({"choices": [{"prompt_logprobs": entries}]}).encode())
 
-    def _send(self, code: int, payload: bytes) -> None:
+    def _send(self, code: int, payload: bytes, headers: dict | None = None) -> None:
         self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()

@@ -3,9 +3,12 @@ real HTTP server, and real network faults."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +19,12 @@ import torch
 
 from crossopd.teachers import TeacherError
 from crossopd.teachers.hf import HFTeacher
-from crossopd.teachers.http import HTTPTeacher
+from crossopd.teachers.http import (
+    HTTPTeacher,
+    TeacherClientError,
+    TeacherUnavailable,
+    parse_retry_after,
+)
 
 HERE = Path(__file__).parent
 
@@ -173,17 +181,18 @@ def fault_server():
         p.wait(timeout=10)
 
 
-@pytest.mark.parametrize("mode,message", [
-    ("http500", "HTTP 500"),
-    ("malformed", "malformed JSON"),
-    ("short", "prompt_logprobs for a 4-token prompt"),
-    ("slow", "(timed out|TimeoutError)"),
+@pytest.mark.parametrize("mode,message,attempts", [
+    ("http500", "HTTP 500", 2),  # a 500 is retried once: it is usually the same bug again
+    ("malformed", "malformed JSON", 3),
+    ("short", "prompt_logprobs for a 4-token prompt", 3),
+    ("slow", "(timed out|TimeoutError)", 3),
 ])
-def test_http_faults_end_in_clear_error(fault_server, mode, message):
+def test_http_faults_end_in_clear_error(fault_server, mode, message, attempts):
     url, _ = fault_server(mode)
     client = HTTPTeacher(url, timeout=0.5, retries=2, backoff=0.05)
     t0 = time.time()
-    with pytest.raises(TeacherError, match=f"after 3 attempts; last error: .*{message}"):
+    with pytest.raises(TeacherError,
+                       match=f"after {attempts} attempts; last error: .*{message}"):
         client.score([[1, 2, 3, 4]], [(1, 4)])
     assert time.time() - t0 < 10
 
@@ -274,3 +283,135 @@ def test_a_head_crossopd_cannot_reproduce_is_refused():
     model.forward = scaled
     with pytest.raises(ValueError, match="cannot reproduce"):
         check_head(model)
+
+
+# ------------------------------------------------------------- HTTP client retry rules
+def _posts(url: str) -> int:
+    return json.loads(urllib.request.urlopen(url + "/count", timeout=5).read())["posts"]
+
+
+def test_client_honours_retry_after(fault_server):
+    url, _ = fault_server("retry_after")  # 429 + Retry-After: 1, then answers
+    client = HTTPTeacher(url, timeout=5, retries=3, backoff=0.01)
+    t0 = time.time()
+    (out,) = client.score([[1, 2, 3]], [(1, 3)])
+    assert time.time() - t0 >= 1.0  # not the 0.01 s backoff
+    assert np.array_equal(out, [-1.0, -1.0]) and _posts(url) == 2
+
+
+def test_client_does_not_retry_4xx(fault_server):
+    url, _ = fault_server("http400")
+    client = HTTPTeacher(url, timeout=5, retries=5, backoff=0.01)
+    with pytest.raises(TeacherClientError, match="HTTP 400"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert _posts(url) == 1
+
+
+def test_deterministic_500_is_retried_once(fault_server):
+    url, _ = fault_server("http500")
+    client = HTTPTeacher(url, timeout=5, retries=5, backoff=0.01)
+    with pytest.raises(TeacherUnavailable, match="after 2 attempts.*retried once"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert _posts(url) == 2
+
+
+def test_timed_out_request_is_not_resent_to_the_same_url(fault_server):
+    urls = [fault_server("slow")[0] for _ in range(2)]
+    client = HTTPTeacher(urls, timeout=0.5, retries=5, backoff=0.01)
+    with pytest.raises(TeacherUnavailable, match="timed out at every URL"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert [_posts(u) for u in urls] == [1, 1]
+
+
+class _CountingSlots:
+    def __init__(self, n: int) -> None:
+        self.sem = threading.BoundedSemaphore(n)
+        self.lock = threading.Lock()
+        self.held = self.peak = 0
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        ok = self.sem.acquire(timeout=timeout)
+        if ok:
+            with self.lock:
+                self.held += 1
+                self.peak = max(self.peak, self.held)
+        return ok
+
+    def release(self) -> None:
+        with self.lock:
+            self.held -= 1
+        self.sem.release()
+
+
+def test_concurrent_retries_are_capped(fault_server):
+    url, _ = fault_server("http503")  # always 503, Retry-After: 0
+    client = HTTPTeacher(url, timeout=5, retries=3, backoff=0.05, concurrency=8, max_retrying=2)
+    client.retry_slots = slots = _CountingSlots(2)
+    with pytest.raises(TeacherUnavailable, match="HTTP 503"):
+        client.score([[1, 2, 3]] * 8, [(1, 3)] * 8)
+    assert 1 <= slots.peak <= 2
+    # 8 first tries; retries only by the requests holding a slot before the first gives up
+    assert _posts(url) <= 8 + 2 * 3 + 2
+
+
+def test_backoff_is_jittered_capped_and_respects_retry_after():
+    client = HTTPTeacher("http://127.0.0.1:9", backoff=0.5, max_backoff=4.0)
+    waits = [client.delay(a) for a in range(8) for _ in range(20)]
+    assert all(0.25 <= w <= 4.0 for w in waits) and len(set(waits)) > 100
+    assert all(2.0 <= client.delay(a) <= 4.0 for a in range(3, 30))
+    assert all(client.delay(0, retry_after=7) >= 7 for _ in range(20))
+    assert client.delay(0, retry_after=10**6) <= client.max_retry_after + 1
+    assert parse_retry_after("3") == 3 and parse_retry_after("soon") is None
+    assert abs(parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) - 60) < 1e-6
+
+
+def test_api_key_is_sent_but_never_shown(fault_server, monkeypatch):
+    url, _ = fault_server("echo_auth")  # a 400 page quoting the Authorization header
+    key = "sk-live-0123456789abcdef"
+    with pytest.raises(TeacherClientError) as err:
+        HTTPTeacher(url, api_key=key, retries=0).score([[1, 2]], [(1, 2)])
+    assert key not in str(err.value) and "Bearer ***" in str(err.value)
+    monkeypatch.setenv("CROSSOPD_API_KEY", key)  # the default comes from the environment
+    client = HTTPTeacher(url, retries=0)
+    assert key not in repr(client)
+    with pytest.raises(TeacherClientError) as err:
+        client.score([[1, 2]], [(1, 2)])
+    assert key not in str(err.value) and "Bearer ***" in str(err.value)
+
+
+def test_api_key_reaches_serve_teacher_and_stays_out_of_config(tiny, tmp_path, monkeypatch):
+    from crossopd.config import load_config, resolve_api_key
+
+    port = _free_port()
+    key = "sk-serve-4242"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", tiny["student"],
+         "--port", str(port), "--device", "cpu", "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "CROSSOPD_API_KEY": key},
+    )
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health", 120)
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(TeacherClientError, match="HTTP 401.*API key") as err:
+            HTTPTeacher(url, model="tiny", api_key="").score([[1, 2, 3]], [(1, 3)])
+        assert key not in str(err.value)
+        ok = HTTPTeacher(url, model="tiny", api_key=key)
+        assert ok.max_length == 511  # /v1/models with the key
+        assert ok.score([[1, 2, 3]], [(1, 3)])[0].shape == (2,)
+    finally:
+        proc.kill()
+        out = proc.communicate(timeout=30)[0]
+    assert key not in out
+    # the training config: literal keys are redacted on disk, env:NAME is kept
+    cfg = load_config(None, ["teacher.urls=http://x:1", "teacher.tokenizer=smollm2",
+                             f"teacher.api_key={key}"])
+    assert resolve_api_key(cfg.teacher.api_key) == key
+    assert key not in json.dumps(cfg.to_dict())
+    monkeypatch.setenv("TEACHER_KEY", key)
+    cfg = load_config(None, ["teacher.urls=http://x:1", "teacher.tokenizer=smollm2",
+                             "teacher.api_key=env:TEACHER_KEY"])
+    assert cfg.to_dict()["teacher"]["api_key"] == "env:TEACHER_KEY"
+    assert resolve_api_key(cfg.teacher.api_key) == key
+    monkeypatch.setenv("CROSSOPD_API_KEY", key)
+    assert resolve_api_key(None) == key

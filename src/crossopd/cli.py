@@ -68,9 +68,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log)
         print(json.dumps(result) if args.json else render_learn_table(result))
         return 0
+    if args.which == "serve":
+        from crossopd.bench.serve import bench_serve, render_serve
+
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+        result = bench_serve(quick=args.quick, clients=args.clients,
+                             out_dir=args.out or "runs/bench_serve", progress=log)
+        print(json.dumps(result) if args.json else render_serve(result))
+        return 0 if result["errors"] == 0 else 1
     if args.which != "align":
         print(
-            f"crossopd bench {args.which}: not implemented yet ('align' and 'learn' exist)",
+            f"crossopd bench {args.which}: not implemented yet ('align', 'learn' and 'serve' "
+            "exist)",
             file=sys.stderr,
         )
         return 2
@@ -141,10 +150,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from crossopd.teachers.server import serve
+    from crossopd.teachers.server import API_KEY_ENV, serve
+    from crossopd.teachers.validate import ServeLimits
 
+    # the environment is the safer place for the key: a flag shows in `ps`
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    limits = ServeLimits(max_prompts=args.max_prompts, max_request_tokens=args.max_request_tokens,
+                         max_body_bytes=args.max_body_bytes)
     serve(args.model, host=args.host, port=args.port, device=args.device,
-          max_batch_tokens=args.max_batch_tokens, name=args.name)
+          max_batch_tokens=args.max_batch_tokens, name=args.name, api_key=api_key,
+          limits=limits, max_queue=args.max_queue, log_every_s=args.log_every,
+          log_level=args.log_level)
     return 0
 
 
@@ -179,15 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
         "vs the decode-based baseline on three real tokenizer pairs. 'learn': held-out "
         "accuracy of SFT, cross-tokenizer OPD (three credit rules) and same-tokenizer OPD at an "
         "equal student-token budget, on small models trained from scratch (--quick: ~10-15 min "
-        "on 2 cores). 'step': not implemented yet.",
+        "on 2 cores). 'serve': serve-teacher on the bundled teacher under one client, then N "
+        "concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, peak RSS; --quick: "
+        "~2 min). 'step': not implemented yet.",
     )
-    b.add_argument("which", choices=["align", "learn", "step"])
+    b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--preset", choices=["tiny", "quick", "full"], help="learn: size preset "
                    "(default: quick with --quick, else full)")
-    b.add_argument("--out", help="learn: output directory (default runs/bench_learn)")
+    b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
+                   "runs/bench_serve)")
+    b.add_argument("--clients", type=int, help="serve: concurrent clients (default 8 with "
+                   "--quick, else 16)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="short real cross-family OPD run on the bundled models",
@@ -242,9 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=8000)
     st.add_argument("--host", default="127.0.0.1")
     st.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    st.add_argument("--max-batch-tokens", type=int, default=8192)
+    st.add_argument("--max-batch-tokens", type=int, default=8192,
+                    help="token budget of one forward pass; waiting requests are grouped up to "
+                    "it (default 8192)")
     st.add_argument("--served-model-name", "--name", dest="name", default=None,
                     help="served model name, as vLLM's flag (default: --model)")
+    st.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on "
+                    "/v1/* (default: $CROSSOPD_API_KEY; /health stays open)")
+    st.add_argument("--max-prompts", type=int, default=64,
+                    help="prompts per request (default 64; more: HTTP 413)")
+    st.add_argument("--max-request-tokens", type=int, default=65536,
+                    help="tokens per request, all prompts together (default 65536; more: 413)")
+    st.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                    help="request body size (default 8 MiB; more: HTTP 413)")
+    st.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting to be scored (default 256; more: HTTP 429 with "
+                    "Retry-After)")
+    st.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
+                    help="one summary line (requests, tokens, latency, errors) per interval "
+                    "(default 60; 0: none)")
+    st.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                    help="debug: one line per request")
     st.set_defaults(func=cmd_serve_teacher)
     return p
 

@@ -4,6 +4,7 @@ validated before any model is loaded."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class TeacherConfig:
     max_length: int | None = None  # teacher context; default: the model's
     timeout: float = 120.0
     retries: int = 3
+    # Bearer key for the teacher server: None reads $CROSSOPD_API_KEY, "env:NAME" reads $NAME;
+    # redacted in to_dict(), so it never reaches config.json or the report
+    api_key: str | None = None
 
 
 @dataclass
@@ -114,7 +118,38 @@ class TrainConfig:
     trl: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain data, secrets redacted (what run directories store)."""
+        return redact_secrets(dataclasses.asdict(self))
+
+
+REDACTED = "<redacted>"
+
+
+def redact_secrets(data: dict) -> dict:
+    """``data`` (``TrainConfig.to_dict`` layout) with a literal ``teacher.api_key`` replaced by
+    a marker; ``env:NAME`` names a variable, not a secret, and stays so a resumed run finds it."""
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and teacher.get("api_key"):
+        key = str(teacher["api_key"])
+        if not key.startswith("env:"):
+            data = {**data, "teacher": {**teacher, "api_key": REDACTED}}
+    return data
+
+
+def resolve_api_key(value: str | None) -> str | None:
+    """The key ``teacher.api_key`` stands for: None -> $CROSSOPD_API_KEY (or no key),
+    ``env:NAME`` -> $NAME (an error if unset), anything else is the key itself."""
+    if value is None:
+        return os.environ.get("CROSSOPD_API_KEY") or None
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ConfigError(f"teacher.api_key is env:{name} but ${name} is not set")
+        return os.environ[name]
+    if value == REDACTED:
+        raise ConfigError("teacher.api_key is redacted in saved configs; give the key again "
+                          "(teacher.api_key=env:NAME or $CROSSOPD_API_KEY)")
+    return value or None
 
 
 def _build(cls: type, data: dict, where: str) -> Any:

@@ -1,16 +1,32 @@
 """HTTP teacher: an OpenAI-compatible ``/v1/completions`` endpoint with vLLM's prompt_logprobs.
 
 Works against ``vllm serve`` and ``crossopd serve-teacher``. Requests run concurrently over
-several URLs (round-robin), each with a timeout, retried with exponential backoff on connection
-errors, timeouts, HTTP 5xx/429 and malformed responses; after the last try a ``TeacherError``
-says what failed where. Client errors (HTTP 4xx) are not retried: they will not get better.
+several URLs (round-robin), each with a timeout. What is retried, and how often:
+
+- connection errors, HTTP 429/502/503/504/408 and malformed or mis-shaped answers: up to
+  ``retries`` times, each retry on the next URL of the pool;
+- any other HTTP 5xx (a 500 is usually the same bug again): once;
+- a timeout: the server may still be computing the request, so with a URL pool it is not sent
+  to a URL where it already timed out (it fails once it has timed out everywhere); with one URL
+  it is retried like a connection error;
+- HTTP 4xx (but 408/429): never; ``TeacherClientError`` at once, with the server's message.
+
+Waits are capped exponential backoff with jitter (between half and all of ``backoff * 2**n``,
+at most ``max_backoff``), and at least the server's ``Retry-After`` on 429/503. At most
+``max_retrying`` requests are in their retry phase at once (the others wait for a slot), so a
+struggling server is not hit by every request's retries together. After the last try a
+``TeacherUnavailable`` says what failed where. The API key is sent as ``Authorization: Bearer``
+and never appears in errors or logs.
 """
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 import json
 import math
+import os
+import random
 import threading
 import time
 import urllib.error
@@ -23,9 +39,41 @@ import numpy as np
 
 from crossopd.teachers import TeacherError, check_spans
 
+API_KEY_ENV = "CROSSOPD_API_KEY"
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
-class _Retryable(Exception):
-    pass
+
+class TeacherClientError(TeacherError):
+    """The server refused the request itself (HTTP 4xx): retrying cannot help."""
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher did not answer usefully within the retries (down, overloaded, broken)."""
+
+
+class _Failure(Exception):
+    """One failed attempt. ``kind``: "retry" (transient), "server" (5xx that may be
+    deterministic) or "timeout"."""
+
+    def __init__(self, message: str, kind: str = "retry", retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class HTTPTeacher:
@@ -39,6 +87,10 @@ class HTTPTeacher:
         concurrency: int = 8,
         max_length: int | None = None,
         first_url: int = 0,
+        api_key: str | None = None,
+        max_backoff: float = 30.0,
+        max_retrying: int = 2,
+        max_retry_after: float = 300.0,
     ) -> None:
         # a base URL with or without the OpenAI-style /v1 suffix (what `vllm serve` prints)
         self.urls = [u.rstrip("/").removesuffix("/v1")
@@ -48,15 +100,24 @@ class HTTPTeacher:
         for u in self.urls:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"teacher URL {u!r} must start with http:// or https://")
+        if max_retrying < 1:
+            raise ValueError("max_retrying must be at least 1")
         self.model = model
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
         self.concurrency = concurrency
         self.context = max_length  # the server's max_model_len; read from /v1/models if None
+        # None: the environment's key; "" sends none. Kept off repr and out of every message.
+        self._api_key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+        # requests in their retry phase hold a slot; replaceable (tests count its holders)
+        self.retry_slots: threading.Semaphore = threading.BoundedSemaphore(max_retrying)
         # processes of one run start on different URLs of the pool, so they spread the load
         self._next_start = itertools.count(first_url)
         self._lock = threading.Lock()
+        self._rng = random.Random()
 
     @property
     def max_length(self) -> int | None:
@@ -66,16 +127,27 @@ class HTTPTeacher:
             self.context = self._server_context()
         return None if self.context is None else self.context - 1
 
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        # a server that echoes request headers into its error page must not leak the key
+        return text.replace(self._api_key, "***") if self._api_key else text
+
     def _server_context(self) -> int | None:
         """``max_model_len`` from ``/v1/models`` (vLLM and serve-teacher report it)."""
         for url in self.urls:
+            req = urllib.request.Request(url + "/v1/models", headers=self._headers())
             try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+                with urllib.request.urlopen(req, timeout=30) as resp:
                     models = json.loads(resp.read()).get("data", [])
-            except (OSError, ValueError, HTTPException):
+            except (OSError, ValueError, HTTPException, AttributeError):
                 continue
             lengths = [m.get("max_model_len") for m in models
-                       if not self.model or m.get("id") == self.model]
+                       if isinstance(m, dict) and (not self.model or m.get("id") == self.model)]
             if lengths and isinstance(lengths[0], int):
                 return lengths[0]
         return None
@@ -85,54 +157,126 @@ class HTTPTeacher:
             return next(self._next_start)
 
     def _post(self, url: str, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        req = urllib.request.Request(
-            url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers=self._headers())
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            if e.code >= 500 or e.code == 429:
-                raise _Retryable(f"HTTP {e.code} from {url}: {detail}") from e
-            raise TeacherError(f"HTTP {e.code} from {url}: {detail}") from e
+            detail = self._scrub(e.read()[:300].decode("utf-8", "replace"))
+            message = f"HTTP {e.code} from {url}: {detail}"
+            if e.code in RETRY_STATUSES:
+                raise _Failure(message, retry_after=parse_retry_after(
+                    e.headers.get("Retry-After") if e.headers else None)) from e
+            if e.code >= 500:
+                raise _Failure(message, kind="server") from e
+            if e.code in (401, 403):
+                message += (f" (the server wants an API key: set teacher.api_key or "
+                            f"{API_KEY_ENV})")
+            raise TeacherClientError(message) from e
         except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
-            raise _Retryable(f"{type(e).__name__} talking to {url}: {e}") from e
+            reason = getattr(e, "reason", e)
+            kind = "timeout" if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError) \
+                else "retry"
+            raise _Failure(f"{type(e).__name__} talking to {url}: {e}", kind=kind) from e
         try:
             return json.loads(raw)
         except ValueError as e:
-            raise _Retryable(f"malformed JSON from {url}: {raw[:120]!r}") from e
+            raise _Failure(f"malformed JSON from {url}: {raw[:120]!r}") from e
 
-    def _score_one(self, index: int, ids: list[int], span: tuple[int, int]) -> np.ndarray:
+    def _pick(self, first: int, attempt: int, timed_out: set[str]) -> str:
+        n = len(self.urls)
+        for k in range(n):
+            url = self.urls[(first + attempt + k) % n]
+            if n == 1 or url not in timed_out:
+                return url
+        return self.urls[(first + attempt) % n]  # unreachable: the caller gives up first
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry ``attempt + 1``: jittered so that requests which failed
+        together do not come back together, and never shorter than the server asked."""
+        cap = min(self.max_backoff, self.backoff * 2**attempt)
+        wait = cap / 2 + self._rng.uniform(0, cap / 2)
+        if retry_after is not None:
+            asked = min(retry_after, self.max_retry_after)
+            wait = max(wait, asked + self._rng.uniform(0, min(1.0, 0.1 * asked)))
+        return wait
+
+    def _score_one(self, index: int, ids: list[int], span: tuple[int, int],
+                   abort: threading.Event | None = None) -> np.ndarray:
         body = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}
         if self.model:
             body["model"] = self.model
         errors: list[str] = []
+        timed_out: set[str] = set()
+        server_errors = 0
         first = self._first_url_index()  # requests start round-robin; a retry moves on
-        for attempt in range(self.retries + 1):
-            url = self.urls[(first + attempt) % len(self.urls)]
-            try:
-                return _parse(self._post(url, body), ids, span, url)
-            except _Retryable as e:
-                errors.append(str(e))
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2**attempt)
-        raise TeacherError(
-            f"teacher request {index} ({len(ids)} tokens) failed after {self.retries + 1} "
-            f"attempts; last error: {errors[-1]}"
-        )
+        holding = False
+        try:
+            for attempt in itertools.count():
+                url = self._pick(first, attempt, timed_out)
+                try:
+                    return _parse(self._post(url, body), ids, span, url)
+                except _Failure as f:
+                    errors.append(str(f))
+                    if f.kind == "timeout":
+                        timed_out.add(url)
+                    server_errors += f.kind == "server"
+                    note = self._give_up(attempt, server_errors, timed_out)
+                    if note is not None:
+                        raise TeacherUnavailable(
+                            f"teacher request {index} ({len(ids)} tokens) failed after "
+                            f"{attempt + 1} attempts; last error: {errors[-1]}{note}") from f
+                    if not holding:
+                        holding = self._acquire_slot(abort)
+                    if abort is not None and abort.is_set():
+                        raise TeacherUnavailable(
+                            f"teacher request {index} abandoned (another request of the "
+                            f"batch failed); its last error: {errors[-1]}") from None
+                    time.sleep(self.delay(attempt, f.retry_after))
+        finally:
+            if holding:
+                self.retry_slots.release()
+        raise AssertionError("unreachable")
+
+    def _give_up(self, attempt: int, server_errors: int, timed_out: set[str]) -> str | None:
+        """None to retry; else a note for the error message ("" when retries ran out)."""
+        if server_errors > 1:
+            return " (an HTTP 5xx other than 502/503/504 is retried once)"
+        if len(self.urls) > 1 and len(timed_out) == len(self.urls):
+            return " (timed out at every URL; not re-sent to a URL still computing it)"
+        if attempt >= self.retries:
+            return ""
+        return None
+
+    def _acquire_slot(self, abort: threading.Event | None) -> bool:
+        while not self.retry_slots.acquire(timeout=0.1):
+            if abort is not None and abort.is_set():
+                return False
+        return True
 
     def score(
         self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
     ) -> list[np.ndarray]:
         check_spans(sequences, spans)
+        abort = threading.Event()  # one request failing for good ends the others' retries
+
+        def one(i: int, seq: Sequence[int], span: tuple[int, int]) -> np.ndarray:
+            try:
+                return self._score_one(i, [int(t) for t in seq], span, abort)
+            except TeacherError:
+                abort.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [
-                pool.submit(self._score_one, i, [int(t) for t in seq], tuple(span))
-                for i, (seq, span) in enumerate(zip(sequences, spans))
-            ]
-            return [f.result() for f in futures]
+            futures = [pool.submit(one, i, seq, tuple(span))
+                       for i, (seq, span) in enumerate(zip(sequences, spans))]
+            try:
+                return [f.result() for f in futures]
+            except TeacherError:
+                for f in futures:
+                    f.cancel()
+                raise
 
 
 def _parse(doc: dict, ids: list[int], span: tuple[int, int], url: str) -> np.ndarray:
@@ -140,10 +284,10 @@ def _parse(doc: dict, ids: list[int], span: tuple[int, int], url: str) -> np.nda
     try:
         entries = doc["choices"][0]["prompt_logprobs"]
     except (KeyError, IndexError, TypeError) as e:
-        raise _Retryable(f"response from {url} has no choices[0].prompt_logprobs") from e
+        raise _Failure(f"response from {url} has no choices[0].prompt_logprobs") from e
     if not isinstance(entries, list) or len(entries) != len(ids):
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise _Retryable(f"{url} returned {got} prompt_logprobs for a {len(ids)}-token prompt")
+        raise _Failure(f"{url} returned {got} prompt_logprobs for a {len(ids)}-token prompt")
     start, end = span
     out = np.empty(end - start, dtype=np.float64)
     for k, p in enumerate(range(start, end)):
@@ -152,8 +296,8 @@ def _parse(doc: dict, ids: list[int], span: tuple[int, int], url: str) -> np.nda
             value = entry[str(ids[p])]
             x = float(value["logprob"] if isinstance(value, dict) else value)
         except (KeyError, TypeError, ValueError) as e:
-            raise _Retryable(f"{url}: position {p} lacks the logprob of token {ids[p]}") from e
+            raise _Failure(f"{url}: position {p} lacks the logprob of token {ids[p]}") from e
         if math.isnan(x) or x > 1e-6:
-            raise _Retryable(f"{url}: position {p} has an invalid logprob {x}")
+            raise _Failure(f"{url}: position {p} has an invalid logprob {x}")
         out[k] = x
     return out
