@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "equal student-token budget, on small models trained from scratch (--quick: ~10-15 min "
         "on 2 cores). 'serve': serve-teacher on the bundled teacher under one client, then N "
         "concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, peak RSS; --quick: "
-        "~2 min). 'step': not implemented yet.",
+        "~1 min on 2 cores). 'step': not implemented yet.",
     )
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
