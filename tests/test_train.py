@@ -39,7 +39,7 @@ def _config(tiny: dict, out: Path, **extra) -> dict:
     return cfg
 
 
-def test_end_to_end_tiny_cross_family(tiny, tmp_path):
+def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
     from crossopd.train import train
 
     path = tmp_path / "cfg.yaml"
@@ -61,6 +61,42 @@ def test_end_to_end_tiny_cross_family(tiny, tmp_path):
     assert result["heldout_kl_before"] is not None and result["heldout_kl_after"] is not None
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 3] and "accuracy" in evals[0]
+    # samples before and after, in eval.jsonl and the report
+    assert len(evals[-1]["samples"]) == 2 and {"prompt", "response", "answer"} <= \
+        set(evals[-1]["samples"][0])
+    assert evals[-1]["samples"][0]["prompt"] in (out / "report.html").read_text()
+
+    # the trained student is a complete HF model directory, and so is every checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert result["final"] == str(out / "final")
+    for d in (out / "final", out / "checkpoints" / "step_0000003"):
+        tok = AutoTokenizer.from_pretrained(d)
+        assert tok.chat_template and AutoModelForCausalLM.from_pretrained(d) is not None
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert 2 in final.generation_config.eos_token_id  # generate() stops at <|im_end|> too
+
+    # `crossopd eval` on it reads the run's config (teacher, data, sampling)
+    from crossopd.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(out / "final"), "--json", "device=cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["student"] == str(out / "final") and r["prompts"] == 2
+    assert {"kl_per_byte", "stop_rate", "accuracy", "coverage"} <= set(r)
+    assert len(r["samples"]) == 2
+
+
+def test_teacher_context_overflow_is_loud_and_fatal_when_total(tiny, tmp_path):
+    from crossopd.train import train
+
+    cfg = load_config(None, [f"student.model={tiny['student']}",
+                             f"teacher.model={tiny['teacher']}",
+                             *(f"teacher.{k}={v}" for k, v in PLAIN.items()), "device=cpu",
+                             "teacher.max_length=8", "data.heldout_size=4", "eval_prompts=2",
+                             "rollout.max_new_tokens=4", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="2 of 2 sequences overflowed.*teacher.max_length"):
+        train(cfg, progress=False)
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:

@@ -1,11 +1,16 @@
-"""Checkpoints that never lose work: written to a temp dir then renamed, the last N kept, and a
-resume that restores model, optimiser, scheduler and every RNG, so a killed run continues
-exactly."""
+"""Checkpoints that never lose work: written to a temp dir then renamed, the last N kept, a
+SHA-256 of every file written alongside, and a resume that restores model, optimiser, scheduler
+and every RNG, so a killed run continues exactly. A checkpoint whose files no longer match their
+digests (truncated, corrupted) is skipped with a warning for the one before it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +19,97 @@ import torch
 
 from crossopd.files import atomic_dir_write
 
+DIGESTS = "digests.json"
+
 
 def _dir(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def step_dir(out_dir: Path, step: int) -> Path:
+    return _dir(out_dir) / f"step_{step:07d}"
+
+
 def save(out_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-         keep: int) -> Path:
+         keep: int, tokenizer: Any = None, rng: dict | None = None) -> Path:
+    """``checkpoints/step_N``: an HF model directory (with the tokenizer and its chat template,
+    so it loads as ``student.model`` or with ``from_pretrained``) plus the trainer state."""
+    rng = rng_state() if rng is None else rng
+
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }, tmp / "trainer_state.pt")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
+        digests = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / DIGESTS).write_text(json.dumps(digests, indent=1))
 
-    target = atomic_dir_write(_dir(out_dir) / f"step_{step:07d}", write)
+    try:
+        target = atomic_dir_write(step_dir(out_dir, step), write)
+    except (OSError, RuntimeError) as e:  # disk full (torch.save raises RuntimeError), quota,
+        # permissions: the temp dir is gone and the previous checkpoint untouched
+        previous = completed(out_dir)
+        kept = f"step {previous[-1].name.split('_')[1].lstrip('0')}" if previous else "none"
+        free = shutil.disk_usage(_dir(out_dir)).free // 2**20
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise RuntimeError(f"could not write the checkpoint of step {step} under "
+                           f"{_dir(out_dir)} ({reason}; {free} MiB free there); the previous "
+                           f"checkpoint ({kept}) is intact: free space, then --resume") from e
     for old in completed(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from, to store with a checkpoint."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted, or None. Checkpoints from before digests were
+    written pass unverified."""
+    listing = path / DIGESTS
+    if not listing.exists():
+        return None
+    try:
+        digests = json.loads(listing.read_text())
+    except ValueError:
+        return f"{DIGESTS} is unreadable"
+    for name, digest in digests.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if sha256(f) != digest:
+            return f"{name} does not match its digest (truncated or corrupted)"
+    return None
+
+
+def save_final(out_dir: Path, model: Any, tokenizer: Any) -> Path:
+    """``out_dir/final``: the trained student as a complete HF model directory (weights, config,
+    generation config, tokenizer, chat template) for ``AutoModelForCausalLM``, ``AutoTokenizer``
+    and ``vllm serve``; written atomically."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    target = Path(out_dir) / "final"
+    aside = target.with_name("final.old")
+    if target.exists():  # a resumed run's earlier final: kept aside until the new one is in place
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    atomic_dir_write(target, write)
+    shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
@@ -48,11 +123,21 @@ def completed(out_dir: Path) -> list[Path]:
 
 
 def restore_latest(out_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Restore the newest checkpoint that verifies (older ones when it does not, with a
+    warning); returns its step."""
     ckpts = completed(out_dir)
     if not ckpts:
         raise FileNotFoundError(f"--resume: no checkpoint under {_dir(out_dir)}; start without "
                                 "--resume")
-    path = ckpts[-1]
+    for path in reversed(ckpts):
+        problem = verify(path)
+        if problem is None:
+            break
+        warnings.warn(f"checkpoint {path} is damaged ({problem}): resuming from the one "
+                      "before it", stacklevel=2)
+    else:
+        raise RuntimeError(f"--resume: every checkpoint under {_dir(out_dir)} is damaged; "
+                           "start over with --overwrite")
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))

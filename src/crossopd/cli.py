@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from crossopd import bundled
+from crossopd.hub import quiet_hf
 
 
 def _tokenizer_help() -> str:
@@ -104,14 +106,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
     progress = not args.no_progress and not args.json
+    quiet_hf()
     if cfg.engine == "trl":
         from crossopd.integrations.trl import train_trl
 
-        result = train_trl(cfg, resume=args.resume, progress=progress)
+        result = train_trl(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0  # one process reports
     else:
-        result = train(cfg, resume=args.resume, progress=progress)
+        result = train(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
     print(json.dumps(result) if args.json else render_result(result))
     return 0
 
@@ -122,13 +125,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from crossopd.train import render_result, train
 
     cfg = load_config(demo_config_path(), list(args.overrides))
-    result = train(cfg, progress=not args.json)
+    quiet_hf()
+    result = train(cfg, progress=not args.json, overwrite=True)  # the demo reruns from scratch
     out = {k: result[k] for k in ("heldout_kl_before", "heldout_kl_after", "steps", "coverage",
                                   "report")}
     if args.json:
         print(json.dumps(out))
     else:
         print(render_result(result))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crossopd.eval_run import eval_config, eval_student, render_eval
+
+    cfg, source = eval_config(args.student, args.config, list(args.overrides),
+                              demo_config_path())
+    quiet_hf()
+    result = eval_student(cfg, samples=args.samples)
+    print(json.dumps(result, ensure_ascii=False) if args.json else render_eval(result, source))
     return 0
 
 
@@ -139,9 +154,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.score:
         from crossopd.teachers.hf import HFTeacher
 
+        quiet_hf()
         scorer = HFTeacher.from_pretrained(args.teacher, device=args.device)
     report = run_doctor(args.student, args.teacher, args.teacher_template, args.teacher_stop,
-                        scorer=scorer)
+                        scorer=scorer, teacher_url=args.teacher_url, served_name=args.served_name,
+                        data=args.data)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -233,9 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint "
                    "(native: checkpoints/step_N; trl: checkpoint-N)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true", help="start over in an output_dir that "
+                   "holds a run (deletes its metrics and checkpoints; without it such a "
+                   "directory is refused)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar: one line per "
+                   "step instead")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object")
     t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved student without training",
+                        description="Held-out reverse KL per byte to the teacher, stop rate, "
+                        "accuracy (when the data has answers) and sample responses of STUDENT: a "
+                        "run's final/ or checkpoints/step_N/, or any HF model. Teacher, data and "
+                        "sampling come from --config, else the run STUDENT belongs to, else the "
+                        "demo config.")
+    ev.add_argument("student", help="HF model directory (e.g. runs/demo/final), hub id, .gguf "
+                    "or bundled name")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval_prompts=64")
+    ev.add_argument("--config", help="YAML config for teacher, data and sampling")
+    ev.add_argument("--samples", type=int, default=3, help="prompts with responses to print")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
 
     doc = sub.add_parser("doctor", help="check a student/teacher pair before training",
                          description="Tokenizer kinds, byte-view round trips, alignment coverage "
@@ -251,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "the rest, the stop chunk; warns when the format costs nats")
     doc.add_argument("--device", default=None, help="device for --score (default: cuda if "
                      "available)")
+    doc.add_argument("--teacher-url", help="also check a teacher server: reachable, the model "
+                     "it serves, its context length")
+    doc.add_argument("--served-name", help="with --teacher-url: the model name it must serve")
+    doc.add_argument("--data", help="also check a prompt file: rows, and the longest prompt "
+                     "against both contexts")
     doc.add_argument("--json", action="store_true", help="print one JSON object")
     doc.set_defaults(func=cmd_doctor)
 
@@ -288,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message: Warning | str, category: type, *args: object, **kw: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line  # the CLI's warnings are for users, not stack frames
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `train CONFIG --resume steps=20`: overrides may come after the flags too
@@ -299,8 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"crossopd {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:  # the user's to fix: one line, no traceback
+        if os.environ.get("CROSSOPD_DEBUG"):
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        if isinstance(e, OSError) and len(lines) > 1:  # library essays: their first line
+            lines = [lines[0] + " (CROSSOPD_DEBUG=1 shows the rest)"]
+        print(f"crossopd {args.command}: error: " + "\n".join(lines), file=sys.stderr)
         return 2
 
 

@@ -271,6 +271,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def check_model_name(key: str, value: str) -> None:
+    """A name that is no file, no ``owner/name`` hub id and close to a bundled name is a typo:
+    say so now rather than after a hub lookup (``gpt2``-style hub ids still pass)."""
+    import difflib
+
+    if "/" in value or Path(value).expanduser().exists() or key.startswith("data."):
+        return
+    close = difflib.get_close_matches(value, bundled.BUNDLED, n=1, cutoff=0.6)
+    if close:
+        raise ConfigError(f"{key}: {value!r} is not a bundled model (did you mean {close[0]!r}?); "
+                          f"bundled: {', '.join(bundled.BUNDLED)}")
+
+
 def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".jsonl", ".json", ".parquet"))
 
@@ -313,6 +326,7 @@ def validate(cfg: TrainConfig) -> None:
             continue
         if _looks_like_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value} does not exist")
+        check_model_name(key, value)
     if cfg.engine not in ("native", "trl"):
         raise ConfigError(f"engine {cfg.engine!r}: native (crossopd's loop) or trl (TRL's "
                           "GRPOTrainer; needs the trl extra)")

@@ -73,19 +73,63 @@ def _side(src: str, vocab: ByteVocab, warnings: list[str], role: str,
     return info, fmt
 
 
+def check_teacher_url(url: str, served_name: str | None, warnings: list[str]) -> dict:
+    """Reachable, serving the expected model, and its context (from ``/v1/models``)."""
+    from crossopd.teachers import TeacherError
+    from crossopd.teachers.probe import check_teacher_server
+
+    try:
+        return {"reachable": True, **check_teacher_server([url], served_name)}
+    except TeacherError as e:
+        warnings.append(str(e))
+        return {"reachable": False, "url": url}
+
+
+def check_data(path: str, s_fmt: ChatFormat | None, t_fmt: ChatFormat | None,
+               warnings: list[str], new_tokens: int = 64) -> dict:
+    """Rows, columns, and the longest prompt on each side against that side's context (plus
+    ``new_tokens`` for the response)."""
+    from crossopd.prompts import DataError, load_examples
+
+    try:
+        examples = load_examples(path)
+    except DataError as e:
+        warnings.append(f"data: {e}")
+        return {"path": path, "rows": 0}
+    info: dict[str, Any] = {"path": path, "rows": len(examples),
+                            "multi_turn_rows": sum(len(e.messages) > 1 for e in examples),
+                            "with_answer": sum(e.answer is not None for e in examples)}
+    for role, fmt in (("student", s_fmt), ("teacher", t_fmt)):
+        if fmt is None:
+            continue
+        longest = max(len(fmt.prompt_ids(e.messages)) for e in examples)
+        info[f"longest_{role}_prompt"] = longest
+        if fmt.max_length and longest + new_tokens > fmt.max_length:
+            warnings.append(f"data: the longest prompt is {longest} {role} tokens; with "
+                            f"{new_tokens} new tokens it exceeds the {role}'s context of "
+                            f"{fmt.max_length}: such rollouts get no signal")
+    if len(examples) < 40:
+        warnings.append(f"data: {len(examples)} rows; at most a quarter is held out for "
+                        "evaluation, so results on so few prompts are noisy")
+    return info
+
+
 def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
-               teacher_stop: str | None = None, scorer: Any = None) -> dict:
-    """``scorer``: a loaded teacher (anything with ``score``) to measure ``format_costs``."""
+               teacher_stop: str | None = None, scorer: Any = None,
+               teacher_url: str | None = None, served_name: str | None = None,
+               data: str | None = None) -> dict:
+    """``scorer``: a loaded teacher (anything with ``score``) to measure ``format_costs``;
+    ``teacher_url`` / ``data``: also check a teacher server and a prompt file."""
     sv, tv = ByteVocab.from_pretrained(student), ByteVocab.from_pretrained(teacher)
     warnings: list[str] = []
     s_info, s_fmt = _side(student, sv, warnings, "student", None, None)
     t_info, t_fmt = _side(teacher, tv, warnings, "teacher", teacher_template, teacher_stop)
     samples = []
     for text in SAMPLE_TEXTS:
-        data = text.encode("utf-8")
-        s_ids, t_ids, a = align_text(data, sv, tv)
-        round_trip = {"student": sv.concat_bytes(s_ids) == data,
-                      "teacher": tv.concat_bytes(tv.encode_bytes(data)) == data}
+        raw = text.encode("utf-8")
+        s_ids, t_ids, a = align_text(raw, sv, tv)
+        round_trip = {"student": sv.concat_bytes(s_ids) == raw,
+                      "teacher": tv.concat_bytes(tv.encode_bytes(raw)) == raw}
         for role, ok in round_trip.items():
             if not ok:
                 warnings.append(f"{role} byte view does not round-trip {text[:30]!r}: a lossy "
@@ -98,6 +142,10 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
     if mean_cov < 0.99:
         warnings.append(f"mean alignment coverage is {mean_cov:.3f}: part of every response will "
                         "get no teacher signal")
+    server = check_teacher_url(teacher_url, served_name, warnings) if teacher_url else None
+    if server and server.get("max_model_len") and t_fmt:
+        t_fmt.max_length = int(server["max_model_len"]) - 1  # a scoring request asks for one
+    data_info = check_data(data, s_fmt, t_fmt, warnings) if data else None
     costs = None
     if scorer is not None and s_fmt and t_fmt:
         costs = format_costs(s_fmt, t_fmt, sv, tv, scorer)
@@ -111,6 +159,8 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
         "student_prompt": s_fmt.render(SAMPLE_CONVERSATION) if s_fmt else None,
         "teacher_prompt": t_fmt.render(SAMPLE_CONVERSATION) if t_fmt else None,
         "format_costs": costs,
+        "teacher_server": server,
+        "data": data_info,
         "warnings": warnings,
     }
 
@@ -169,6 +219,17 @@ def render_report(r: dict, student: str, teacher: str) -> str:
                      f"{s['text'][:50]!r}")
     lines += ["", "student prompt:", repr(r["student_prompt"]), "", "teacher prompt:",
               repr(r["teacher_prompt"]), ""]
+    if r.get("teacher_server"):
+        srv = r["teacher_server"]
+        lines.append(f"teacher server {srv['url']}: " + (
+            f"serves {', '.join(srv['models'])}, context {srv.get('max_model_len')}"
+            if srv["reachable"] else "not reachable"))
+    if r.get("data"):
+        d = r["data"]
+        lines.append(f"data {d['path']}: {d['rows']} rows"
+                     + "".join(f", longest {role} prompt {d[f'longest_{role}_prompt']} tokens"
+                               for role in ("student", "teacher")
+                               if f"longest_{role}_prompt" in d))
     costs = r.get("format_costs")
     if costs:
         stop = "none" if costs["stop_chunk"] is None else f"{costs['stop_chunk']:.2f}"

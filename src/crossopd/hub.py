@@ -81,3 +81,12 @@ def load_hf_model(src: Any, dtype: Any = None, device: str | None = None) -> Any
     if device:
         model.to(device)
     return model.eval()
+
+
+def quiet_hf() -> None:
+    """No third-party progress bars ("Loading weights", "Writing model shards") and no info
+    logs from transformers: the CLI prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

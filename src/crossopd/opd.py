@@ -348,10 +348,12 @@ def evaluate(
     seed: int,
     credit_rule: str = "proportional",
     max_batch_tokens: int = 8192,
+    samples: int = 3,
 ) -> dict:
     """Reverse KL per byte (teacher vs student on fresh student samples; comparable across
-    tokenizers), stop rate, and accuracy when the data has answers. Uses its own RNG stream so
-    training randomness is untouched and every evaluation sees the same sampling noise."""
+    tokenizers), stop rate, accuracy when the data has answers, and the first ``samples``
+    prompts with their responses. Uses its own RNG stream so training randomness is untouched
+    and every evaluation sees the same sampling noise."""
     from crossopd.evals import answer_correct
 
     one = dataclasses.replace(rollout, samples_per_prompt=1)
@@ -362,10 +364,12 @@ def evaluate(
         s = rollout_and_score(c, examples, one, credit_rule=credit_rule,
                               max_batch_tokens=max_batch_tokens)
     result = {k: v for k, v in s.stats.items() if not k.startswith(TIMING_PREFIX)}
+    texts = [c.sv.concat_bytes(seq[a:b]).decode("utf-8", "replace")
+             for seq, (a, b) in zip(s.sequences, s.spans)]
     answers = [e.answer for e in examples]
     if any(a is not None for a in answers):
-        texts = [c.sv.concat_bytes(seq[a:b]).decode("utf-8", "replace")
-                 for seq, (a, b) in zip(s.sequences, s.spans)]
         scored = [(t, a) for t, a in zip(texts, answers) if a is not None]
         result["accuracy"] = sum(answer_correct(t, a) for t, a in scored) / len(scored)
+    result["samples"] = [{"prompt": e.messages[-1]["content"], "response": t, "answer": e.answer}
+                         for e, t in zip(examples[:samples], texts)]
     return result

@@ -68,6 +68,12 @@ def write_report(out_dir: Path) -> Path:
         f"<tr><td>{e['step']}</td><td>{e['kl_per_byte']:.4f}</td><td>{e['stop_rate']:.3f}</td>"
         f"<td>{e.get('accuracy', float('nan')):.3f}</td><td>{e['coverage']:.4f}</td></tr>"
         for e in evals)
+    samples = "".join(
+        f"<tr><td>{e['step']}</td><td>{html.escape(x['prompt'])}</td>"
+        f"<td><pre>{html.escape(x['response'])}</pre></td>"
+        f"<td>{html.escape(str(x.get('answer') or ''))}</td></tr>"
+        for e in (evals[:1] + evals[-1:] if len(evals) > 1 else evals)
+        for x in e.get("samples", []))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>crossopd run</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}} img{{max-width:48%;margin:4px}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ddd;padding:2px 8px}}
@@ -76,6 +82,8 @@ pre{{background:#f6f6f6;padding:1em}}</style></head><body>
 {"".join(f'<img src="{n}" alt="{n}">' for n in made)}
 <h2>Held-out evaluations</h2><table><tr><th>step</th><th>reverse KL / byte</th>
 <th>stop rate</th><th>accuracy</th><th>coverage</th></tr>{eval_rows}</table>
+<h2>Samples, first and last evaluation</h2><table><tr><th>step</th><th>prompt</th>
+<th>student response</th><th>answer</th></tr>{samples}</table>
 <h2>Last step</h2><table>{rows}</table>
 <h2>Config</h2><pre>{html.escape(json.dumps(json.loads(config), indent=2))}</pre>
 </body></html>"""

@@ -4,21 +4,23 @@ A plain loop; read top to bottom."""
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from crossopd import checkpoint as ckpt
+from crossopd import rundir
 from crossopd.build import build_components, load_splits
 from crossopd.config import TrainConfig
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.opd import TIMING_PREFIX, Components, evaluate, rollout_and_score, update
 from crossopd.prompts import Example
+from crossopd.teachers import TeacherError
 
 
 def step_examples(examples: list[Example], step: int, batch_size: int,
@@ -34,13 +36,13 @@ def step_examples(examples: list[Example], step: int, batch_size: int,
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          components: Components | None = None) -> dict:
+          components: Components | None = None, overwrite: bool = False) -> dict:
+    """``overwrite``: start over in an ``output_dir`` that holds a run (else refused)."""
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     examples, heldout = load_splits(cfg)
+    rundir.prepare(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -57,56 +59,98 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         start = ckpt.restore_latest(out_dir, c.student, optimizer, scheduler)
         for path in (metrics_path, eval_path):
             truncate_jsonl(path, start)
-    else:
-        for path in (metrics_path, eval_path):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     step_args = {"credit_rule": cfg.credit_rule, "max_batch_tokens": cfg.max_batch_tokens}
 
     def run_eval(step: int) -> dict:
         r = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007, **step_args)
+        check_overflow({"sequences": len(heldout), "overflowed": r["overflowed_sequences"]},
+                       f"evaluation at step {step}", cfg, bar_write)
         append_jsonl(eval_path, {"step": step, **r})
         return r
 
-    if start == 0 and cfg.eval_prompts:
-        run_eval(0)
+    def bar_write(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    if start == 0 and cfg.eval_prompts and not read_jsonl(eval_path):
+        run_eval(0)  # (a run stopped at step 0 by its teacher has this row already)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc="opd", unit="step")
     for step in bar:
-        batch = step_examples(examples, step, cfg.batch_size, cfg.seed)
-        scored = rollout_and_score(c, batch, cfg.rollout, **step_args)
-        t0 = time.perf_counter()
-        upd = update(c, scored, optimizer, scheduler, cfg.loss, grad_clip=cfg.optim.grad_clip,
-                     epochs=cfg.update_epochs, max_batch_tokens=cfg.max_batch_tokens,
-                     temperature=cfg.rollout.temperature)
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, **upd, **scored.stats, "lr": scheduler.get_last_lr()[0],
-               f"{TIMING_PREFIX}update_s": dt,
-               f"{TIMING_PREFIX}update_tok_per_s": scored.stats["response_tokens"] / dt}
-        append_jsonl(metrics_path, row)
-        bar.set_postfix(kl=f"{row['kl_per_token']:.3f}", cov=f"{row['coverage']:.3f}",
-                        loss=f"{row['loss']:.3f}")
-        done = step + 1
-        if cfg.eval_prompts and cfg.eval_every and done % cfg.eval_every == 0 and \
-                done != cfg.steps:
-            run_eval(done)
+        # the last completed step and the RNG state right after it: what a checkpoint must
+        # hold if the teacher goes away in the middle of this step
+        completed, rng = step, ckpt.rng_state()
+        try:
+            batch = step_examples(examples, step, cfg.batch_size, cfg.seed)
+            scored = rollout_and_score(c, batch, cfg.rollout, **step_args)
+            t0 = time.perf_counter()
+            upd = update(c, scored, optimizer, scheduler, cfg.loss,
+                         grad_clip=cfg.optim.grad_clip, epochs=cfg.update_epochs,
+                         max_batch_tokens=cfg.max_batch_tokens,
+                         temperature=cfg.rollout.temperature)
+            dt = time.perf_counter() - t0
+            completed, rng = step + 1, ckpt.rng_state()
+            row = {"step": step + 1, **upd, **scored.stats, "lr": scheduler.get_last_lr()[0],
+                   f"{TIMING_PREFIX}update_s": dt,
+                   f"{TIMING_PREFIX}update_tok_per_s": scored.stats["response_tokens"] / dt}
+            append_jsonl(metrics_path, row)
+            check_overflow(scored.totals, f"step {step + 1}", cfg, bar_write)
+            bar.set_postfix(kl=f"{row['kl_per_token']:.3f}", cov=f"{row['coverage']:.3f}",
+                            loss=f"{row['loss']:.3f}")
+            if not progress:  # one line per step for logs
+                print(step_line(row, cfg.steps), flush=True)
+            done = step + 1
+            if cfg.eval_prompts and cfg.eval_every and done % cfg.eval_every == 0 and \
+                    done != cfg.steps:
+                run_eval(done)
+        except TeacherError as e:
+            if not (ckpt.step_dir(out_dir, completed)).exists():
+                ckpt.save(out_dir, completed, c.student, optimizer, scheduler,
+                          cfg.keep_checkpoints, tokenizer=c.student_tokenizer, rng=rng)
+            raise TeacherError(f"{e} -- stopped; steps 1..{completed} are saved in "
+                               f"{ckpt.step_dir(out_dir, completed)}: when the teacher is back, "
+                               "run the same command with --resume") from e
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-            ckpt.save(out_dir, done, c.student, optimizer, scheduler, cfg.keep_checkpoints)
+            ckpt.save(out_dir, done, c.student, optimizer, scheduler, cfg.keep_checkpoints,
+                      tokenizer=c.student_tokenizer)
     final_eval = run_eval(cfg.steps) if cfg.eval_prompts and start < cfg.steps else None
+    # generate() with the saved student then stops where rollouts stopped
+    c.student.generation_config.eos_token_id = sorted(c.student_fmt.stop_ids)
+    final = ckpt.save_final(out_dir, c.student, c.student_tokenizer)
     from crossopd.report import write_report
 
     report = write_report(out_dir)
-    evals = read_jsonl(eval_path)
+    evals, rows = read_jsonl(eval_path), read_jsonl(metrics_path)
     return {
         "steps": cfg.steps,
         "heldout_kl_before": evals[0]["kl_per_byte"] if evals else None,
         "heldout_kl_after": evals[-1]["kl_per_byte"] if evals else None,
         "final_eval": final_eval,
-        "coverage": float(np.mean([m["coverage"] for m in read_jsonl(metrics_path)]))
-        if metrics_path.exists() else None,
+        "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
+        "overflowed_sequences": sum(int(m["overflowed_sequences"]) for m in rows),
         "report": str(report),
         "output_dir": str(out_dir),
+        "final": str(final),
     }
+
+
+def check_overflow(totals: dict, where: str, cfg: TrainConfig, write: Any) -> None:
+    """Say loudly when sequences overflowed the teacher's context (they get no signal); stop
+    when all did, since nothing can be learned or measured then."""
+    n, over = int(totals["sequences"]), int(totals["overflowed"])
+    if not over:
+        return
+    limit = cfg.teacher.max_length or "the model's"
+    msg = (f"{where}: {over} of {n} sequences overflowed the teacher's context ({limit} "
+           "tokens) and got no teacher signal")
+    if over == n:
+        raise ValueError(f"{msg}. Raise teacher.max_length (up to the teacher's context), "
+                         "shorten the prompts or lower rollout.max_new_tokens")
+    write(f"warning: {msg}")
+
+
+def step_line(row: dict, steps: int) -> str:
+    return (f"step {row['step']}/{steps}: kl/token {row['kl_per_token']:.4f}, coverage "
+            f"{row['coverage']:.4f}, loss {row['loss']:.4f}, stop rate {row['stop_rate']:.3f}")
 
 
 def render_result(result: dict) -> str:
@@ -120,5 +164,11 @@ def render_result(result: dict) -> str:
         lines.append(f"alignment: coverage {e['coverage']:.4f}, 1:1 chunk share "
                      f"{e['one_to_one_share']:.3f}, stop rate {e['stop_rate']:.3f}"
                      + (f", accuracy {e['accuracy']:.3f}" if "accuracy" in e else ""))
+    if result.get("overflowed_sequences"):
+        lines.append(f"warning: {result['overflowed_sequences']} training sequences overflowed "
+                     "the teacher's context and got no signal (metrics.jsonl: "
+                     "overflowed_sequences)")
+    if result.get("final"):
+        lines.append(f"student: {result['final']} (a Hugging Face model directory)")
     lines.append(f"report: {result['report']}")
     return "\n".join(lines)

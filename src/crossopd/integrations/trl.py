@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossopd import rundir
 from crossopd.build import build_components, load_splits
 from crossopd.config import ConfigError, TrainConfig
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
@@ -218,7 +218,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+              overwrite: bool = False) -> dict:
     """The ``trl`` engine's run: the same inputs and outputs as ``crossopd.train.train``
     (metrics.jsonl, eval.jsonl, report.html, final/), under ``torchrun`` / ``accelerate launch``
     as well as in one process."""
@@ -234,16 +235,10 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         raise FileNotFoundError(f"--resume: no checkpoint-N under {out_dir}; start without "
                                 "--resume")
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        for path in (metrics_path, eval_path):
-            if ckpt is not None:
+        rundir.prepare(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
+        if ckpt is not None:
+            for path in (metrics_path, eval_path):
                 truncate_jsonl(path, int(ckpt.name.split("-")[1]))
-            else:
-                path.unlink(missing_ok=True)
-        if ckpt is None:
-            for old in out_dir.glob("checkpoint-*"):
-                shutil.rmtree(old, ignore_errors=True)
     examples, heldout = load_splits(cfg)
     if args.use_vllm and args.use_cpu:
         keep_vllm_cpu_weights()

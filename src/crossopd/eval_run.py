@@ -1,0 +1,53 @@
+"""``crossopd eval``: a saved student (a run's ``final/``, a checkpoint, any HF model) on held-out
+prompts, without training: reverse KL per byte to the teacher, stop rate, task metric, samples.
+
+The teacher, data and sampling settings come from the run that produced the student (the
+``config.json`` beside or above it), else from a given config, else from the demo config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crossopd.build import build_components, load_splits
+from crossopd.config import TrainConfig, load_config
+from crossopd.opd import evaluate
+
+
+def run_config_for(student: str) -> Path | None:
+    """The ``config.json`` of the run a student directory belongs to (``final/`` and
+    ``checkpoints/step_N/`` sit one and two levels below it)."""
+    path = Path(student)
+    if not path.is_dir():
+        return None
+    for parent in (path, path.parent, path.parent.parent):
+        if (parent / "config.json").is_file() and (parent / "metrics.jsonl").exists():
+            return parent / "config.json"
+    return None
+
+
+def eval_config(student: str, config: str | Path | None, overrides: list[str],
+                default: Path) -> tuple[TrainConfig, Path]:
+    """(config with ``student.model = student``, the file it came from)."""
+    source = Path(config) if config else run_config_for(student) or default
+    cfg = load_config(source, [*overrides, f"student.model={student}"])
+    return cfg, source
+
+
+def eval_student(cfg: TrainConfig, samples: int = 3) -> dict:
+    _, heldout = load_splits(cfg)
+    c = build_components(cfg)
+    result = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
+                      credit_rule=cfg.credit_rule, max_batch_tokens=cfg.max_batch_tokens,
+                      samples=samples)
+    return {"student": cfg.student.model, "prompts": len(heldout), **result}
+
+
+def render_eval(r: dict, source: Path) -> str:
+    lines = [f"student {r['student']} on {r['prompts']} held-out prompts (settings from "
+             f"{source})",
+             f"reverse KL per byte {r['kl_per_byte']:.4f}, stop rate {r['stop_rate']:.3f}"
+             + (f", accuracy {r['accuracy']:.3f}" if "accuracy" in r else "")
+             + f", alignment coverage {r['coverage']:.4f}"]
+    for x in r["samples"]:
+        lines += ["", f"prompt:   {x['prompt']!r}", f"response: {x['response']!r}"]
+    return "\n".join(lines)
