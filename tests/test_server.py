@@ -314,7 +314,8 @@ def test_batched_requests_score_as_one_at_a_time(tiny):
         for p, got in zip(prompts, results[i]):
             alone = score_prompts(teacher, [p])[0]
             assert got.shape == (len(p) - 1,)
-            np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+            # float32 rounding only: a padded batch runs other kernels than a lone prompt
+            np.testing.assert_allclose(got, alone, atol=5e-5, rtol=0)
 
 
 def test_queue_bounds_budget_and_cancellation():
@@ -342,6 +343,21 @@ def test_queue_bounds_budget_and_cancellation():
     queue.stop(10)
     assert scored == [6, 5, 3]  # 6 alone (6 + 5 > 10), then 5 + 3 share a pass
     assert queue.dropped == 1 and done == [None, None, None]
+
+
+def test_one_request_per_pass_when_asked():
+    calls: list[int] = []
+
+    def scorer(prompts):
+        calls.append(len(prompts))
+        return [np.zeros(len(p) - 1) for p in prompts]
+
+    queue = BatchQueue(scorer, max_batch_tokens=1000, max_queue=8, max_batch_requests=1)
+    for prompts in ([[1, 2]], [[3, 4], [5, 6]], [[7, 8]]):
+        queue.submit(Job(prompts=prompts, tokens=4, done=lambda r, e: None))
+    queue.start()
+    queue.stop(10)
+    assert calls == [1, 2, 1]  # requests never share a pass; a request's own prompts do
 
 
 def test_a_failing_request_does_not_fail_its_batch_mates():

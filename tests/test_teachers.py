@@ -126,8 +126,10 @@ def _wait_ready(proc: subprocess.Popen, url: str, deadline_s: float) -> None:
 def teacher_server():
     port = _free_port()
     proc = subprocess.Popen(
+        # one request per forward pass: scores exactly equal to in-process ones, whatever the
+        # client's concurrent requests (batched requests differ by float rounding)
         [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", "smollm2",
-         "--port", str(port), "--device", "cpu"],
+         "--port", str(port), "--device", "cpu", "--max-batch-requests", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

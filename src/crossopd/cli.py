@@ -176,8 +176,8 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_bytes)
     serve(args.model, host=args.host, port=args.port, device=args.device,
           max_batch_tokens=args.max_batch_tokens, name=args.name, api_key=api_key,
-          limits=limits, max_queue=args.max_queue, log_every_s=args.log_every,
-          log_level=args.log_level)
+          limits=limits, max_queue=args.max_queue, max_batch_requests=args.max_batch_requests,
+          log_every_s=args.log_every, log_level=args.log_level)
     return 0
 
 
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting to be scored (default 256; more: HTTP 429 with "
                     "Retry-After)")
+    st.add_argument("--max-batch-requests", type=int, default=64,
+                    help="requests grouped into one forward pass (default 64; 1: each request "
+                    "scored alone, so its scores never depend on what else was queued)")
     st.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
                     help="one summary line (requests, tokens, latency, errors) per interval "
                     "(default 60; 0: none)")

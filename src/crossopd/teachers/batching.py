@@ -53,11 +53,15 @@ def score_prompts(teacher: object, prompts: Sequence[Sequence[int]]) -> list[np.
 
 
 class BatchQueue:
-    def __init__(self, score: Scorer, max_batch_tokens: int = 8192, max_queue: int = 256) -> None:
-        if max_queue < 1 or max_batch_tokens < 1:
-            raise ValueError("max_queue and max_batch_tokens must be at least 1")
+    def __init__(self, score: Scorer, max_batch_tokens: int = 8192, max_queue: int = 256,
+                 max_batch_requests: int = 64) -> None:
+        if min(max_queue, max_batch_tokens, max_batch_requests) < 1:
+            raise ValueError("max_queue, max_batch_tokens and max_batch_requests must be >= 1")
         self.score = score
         self.max_batch_tokens = max_batch_tokens
+        # 1: every request is scored alone, so its log-probs never depend on what else was
+        # queued (a padded batch runs other kernels: results differ by float rounding)
+        self.max_batch_requests = max_batch_requests
         self.max_queue = max_queue
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -115,7 +119,8 @@ class BatchQueue:
                 self.pending.popleft()
                 self.dropped += 1
                 continue
-            if batch and tokens + job.tokens > self.max_batch_tokens:
+            if batch and (tokens + job.tokens > self.max_batch_tokens
+                          or len(batch) >= self.max_batch_requests):
                 break
             batch.append(self.pending.popleft())
             tokens += job.tokens

@@ -113,7 +113,8 @@ def completion_body(prompts: list[list[int]], logps: list[Any], model_name: str)
 
 def create_app(teacher: Any, model_name: str, *, api_key: str | None = None,
                limits: ServeLimits | None = None, max_queue: int = 256,
-               max_batch_tokens: int | None = None, log_every_s: float = 60.0) -> Any:
+               max_batch_tokens: int | None = None, max_batch_requests: int = 64,
+               log_every_s: float = 60.0) -> Any:
     """The ASGI app. ``teacher`` needs ``score``, ``vocab_size`` and ``max_length``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -123,7 +124,8 @@ def create_app(teacher: Any, model_name: str, *, api_key: str | None = None,
     limits = limits or ServeLimits()
     budget = max_batch_tokens or getattr(teacher, "max_batch_tokens", 8192)
     queue = BatchQueue(lambda prompts: score_prompts(teacher, prompts),
-                       max_batch_tokens=budget, max_queue=max_queue)
+                       max_batch_tokens=budget, max_queue=max_queue,
+                       max_batch_requests=max_batch_requests)
     stats = ServeStats()
 
     @contextlib.asynccontextmanager
@@ -240,8 +242,8 @@ async def _report(stats: ServeStats, queue: BatchQueue, every_s: float) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
           max_batch_tokens: int = 8192, name: str | None = None, api_key: str | None = None,
-          limits: ServeLimits | None = None, max_queue: int = 256, log_every_s: float = 60.0,
-          log_level: str = "info") -> None:
+          limits: ServeLimits | None = None, max_queue: int = 256, max_batch_requests: int = 64,
+          log_every_s: float = 60.0, log_level: str = "info") -> None:
     """Load ``model`` and serve it until SIGTERM/SIGINT (in-flight requests are finished)."""
     import uvicorn
 
@@ -257,7 +259,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, device: str | N
         log.warning(warning)
     teacher = HFTeacher.from_pretrained(model, device=device, max_batch_tokens=max_batch_tokens)
     app = create_app(teacher, name or model, api_key=api_key, limits=limits, max_queue=max_queue,
-                     max_batch_tokens=max_batch_tokens, log_every_s=log_every_s)
+                     max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
+                     log_every_s=log_every_s)
     print(f"crossopd teacher {name or model} on http://{host}:{port}/v1 "
           f"(context {teacher.max_length}{', API key required' if api_key else ''})", flush=True)
     # access logs off: one line per request drowns a busy server; ServeStats summarises instead
