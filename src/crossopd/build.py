@@ -57,7 +57,8 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
 
         teacher = HTTPTeacher(t_cfg.urls, model=t_cfg.served_name, timeout=t_cfg.timeout,
                               retries=t_cfg.retries, max_length=t_cfg.max_length,
-                              first_url=int(os.environ.get("RANK", 0)), api_key=api_key)
+                              first_url=int(os.environ.get("RANK", 0)), api_key=api_key,
+                              patience_s=t_cfg.patience_s)
     # HTTP: the server's limit (configured context or its /v1/models, minus the one token a
     # scoring request asks for); in process: the configured context or the model's
     limit = teacher.max_length if t_cfg.urls else t_cfg.max_length or teacher.max_length

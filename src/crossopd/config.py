@@ -53,6 +53,9 @@ class TeacherConfig:
     max_length: int | None = None  # teacher context; default: the model's
     timeout: float = 120.0
     retries: int = 3
+    # how long a run waits for an HTTP teacher that is down or overloaded (a redeploy, a vLLM
+    # restart) before it saves a checkpoint and stops with a --resume message
+    patience_s: float = 300.0
     # Bearer key for the teacher server: None reads $CROSSOPD_API_KEY, "env:NAME" reads $NAME;
     # redacted in to_dict(), so it never reaches config.json or the report
     api_key: str | None = None
@@ -307,6 +310,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.rollout.special_penalty < float("inf"):
         raise ConfigError("rollout.special_penalty must be a finite number >= 0, got "
                           f"{cfg.rollout.special_penalty}")
+    if not 0 <= cfg.teacher.patience_s < float("inf"):
+        raise ConfigError(f"teacher.patience_s must be >= 0 seconds, got {cfg.teacher.patience_s}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if bool(cfg.teacher.model) == bool(cfg.teacher.urls):

@@ -207,6 +207,8 @@ def score_rollouts(
                               context=c.context, reference=e.reference)
         for e, r in zip(examples, responses)
     ]
+    times["bridge"] = time.perf_counter() - t0  # teacher prompts + teacher tokenization
+    t0 = time.perf_counter()
     live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
     t_logps = c.teacher.score([reqs[i].teacher_ids for i in live],
                               [reqs[i].scored_span for i in live]) if live else []

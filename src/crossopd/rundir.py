@@ -15,6 +15,7 @@ from typing import Any
 RESUMABLE_KEYS = frozenset({
     "steps", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "max_batch_tokens",
     "output_dir", "teacher.urls", "teacher.timeout", "teacher.retries", "teacher.api_key",
+    "teacher.patience_s",
 })
 RUN_FILES = ("metrics.jsonl", "eval.jsonl", "checkpoints", "final", "report.html")
 

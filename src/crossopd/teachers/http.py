@@ -27,20 +27,23 @@ import json
 import math
 import os
 import random
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
 
 import numpy as np
 
 from crossopd.teachers import TeacherError, check_spans
+from crossopd.teachers.probe import served_models
 
 API_KEY_ENV = "CROSSOPD_API_KEY"
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+DEAD_URL_S = 30.0  # how long a URL that refused connections is skipped
 
 
 class TeacherClientError(TeacherError):
@@ -48,7 +51,13 @@ class TeacherClientError(TeacherError):
 
 
 class TeacherUnavailable(TeacherError):
-    """The teacher did not answer usefully within the retries (down, overloaded, broken)."""
+    """The teacher did not answer usefully within the retries (down, overloaded, broken).
+    ``transient``: it was down, overloaded or timing out, so waiting (``patience_s``) can help;
+    a repeated 5xx or a broken answer is not."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class _Failure(Exception):
@@ -91,7 +100,12 @@ class HTTPTeacher:
         max_backoff: float = 30.0,
         max_retrying: int = 2,
         max_retry_after: float = 300.0,
+        patience_s: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        """``patience_s``: how long ``score`` waits for a teacher that is down or overloaded
+        (probing ``/v1/models`` with capped backoff) before giving up; ``on_wait`` gets the
+        status lines (default: stderr)."""
         # a base URL with or without the OpenAI-style /v1 suffix (what `vllm serve` prints)
         self.urls = [u.rstrip("/").removesuffix("/v1")
                      for u in ([urls] if isinstance(urls, str) else urls)]
@@ -118,6 +132,9 @@ class HTTPTeacher:
         self._next_start = itertools.count(first_url)
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self.patience_s = patience_s
+        self.on_wait = on_wait or _stderr_line
+        self._dead: dict[str, float] = {}  # URL -> monotonic time until which it is skipped
 
     @property
     def max_length(self) -> int | None:
@@ -140,11 +157,9 @@ class HTTPTeacher:
     def _server_context(self) -> int | None:
         """``max_model_len`` from ``/v1/models`` (vLLM and serve-teacher report it)."""
         for url in self.urls:
-            req = urllib.request.Request(url + "/v1/models", headers=self._headers())
             try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    models = json.loads(resp.read()).get("data", [])
-            except (OSError, ValueError, HTTPException, AttributeError):
+                models = served_models(url, self._api_key, timeout=30)
+            except TeacherError:
                 continue
             lengths = [m.get("max_model_len") for m in models
                        if isinstance(m, dict) and (not self.model or m.get("id") == self.model)]
@@ -177,7 +192,7 @@ class HTTPTeacher:
         except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, OSError) as e:
             reason = getattr(e, "reason", e)
             kind = "timeout" if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError) \
-                else "retry"
+                else "down"
             raise _Failure(f"{type(e).__name__} talking to {url}: {e}", kind=kind) from e
         try:
             return json.loads(raw)
@@ -185,12 +200,26 @@ class HTTPTeacher:
             raise _Failure(f"malformed JSON from {url}: {raw[:120]!r}") from e
 
     def _pick(self, first: int, attempt: int, timed_out: set[str]) -> str:
-        n = len(self.urls)
-        for k in range(n):
-            url = self.urls[(first + attempt + k) % n]
-            if n == 1 or url not in timed_out:
-                return url
+        n, now = len(self.urls), time.monotonic()
+        for skip_dead in (True, False):  # dead URLs only when no live one is left
+            for k in range(n):
+                url = self.urls[(first + attempt + k) % n]
+                if skip_dead and self._dead.get(url, 0.0) > now:
+                    continue
+                if n == 1 or url not in timed_out:
+                    return url
         return self.urls[(first + attempt) % n]  # unreachable: the caller gives up first
+
+    def _mark_dead(self, url: str, error: str) -> None:
+        """A URL that refuses connections is skipped for a while; the pool goes on without it."""
+        if len(self.urls) == 1:
+            return
+        with self._lock:
+            fresh = self._dead.get(url, 0.0) <= time.monotonic()
+            self._dead[url] = time.monotonic() + DEAD_URL_S
+        if fresh:
+            self.on_wait(f"teacher URL {url} does not answer ({error}): using the other "
+                         f"{len(self.urls) - 1} URL(s) for {DEAD_URL_S:.0f} s")
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before retry ``attempt + 1``: jittered so that requests which failed
@@ -221,12 +250,15 @@ class HTTPTeacher:
                     errors.append(str(f))
                     if f.kind == "timeout":
                         timed_out.add(url)
+                    if f.kind == "down":
+                        self._mark_dead(url, str(f))
                     server_errors += f.kind == "server"
                     note = self._give_up(attempt, server_errors, timed_out)
                     if note is not None:
                         raise TeacherUnavailable(
                             f"teacher request {index} ({len(ids)} tokens) failed after "
-                            f"{attempt + 1} attempts; last error: {errors[-1]}{note}") from f
+                            f"{attempt + 1} attempts; last error: {errors[-1]}{note}",
+                            transient=f.kind in ("down", "timeout", "retry")) from f
                     if not holding:
                         holding = self._acquire_slot(abort)
                     if abort is not None and abort.is_set():
@@ -258,25 +290,71 @@ class HTTPTeacher:
     def score(
         self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
     ) -> list[np.ndarray]:
+        """Log-probs for every sequence. While the teacher is down or overloaded this waits up
+        to ``patience_s`` (then ``TeacherUnavailable``); scores already received are kept, so
+        nothing is sent twice once the teacher is back."""
         check_spans(sequences, spans)
-        abort = threading.Event()  # one request failing for good ends the others' retries
-
-        def one(i: int, seq: Sequence[int], span: tuple[int, int]) -> np.ndarray:
+        done: dict[int, np.ndarray] = {}
+        since: float | None = None
+        while True:
             try:
-                return self._score_one(i, [int(t) for t in seq], span, abort)
-            except TeacherError:
+                self._score_into(done, sequences, spans)
+                return [done[i] for i in range(len(sequences))]
+            except TeacherUnavailable as e:
+                if not (self.patience_s and e.transient):
+                    raise
+                since = time.monotonic() if since is None else since
+                if not self._wait_for_teacher(since, str(e)):
+                    raise TeacherUnavailable(
+                        f"{e} -- the teacher stayed unavailable for {self.patience_s:.0f} s "
+                        "(teacher.patience_s)", transient=True) from e
+
+    def _score_into(self, done: dict[int, np.ndarray], sequences: Sequence[Sequence[int]],
+                    spans: Sequence[tuple[int, int]]) -> None:
+        abort = threading.Event()  # one request failing for good ends the others' retries
+        first_error: list[TeacherError] = []
+
+        def one(i: int, seq: Sequence[int], span: tuple[int, int]) -> None:
+            try:
+                done[i] = self._score_one(i, [int(t) for t in seq], span, abort)
+            except TeacherError as e:
+                if not abort.is_set():  # the cause, not a request abandoned because of it
+                    first_error.append(e)
                 abort.set()
                 raise
 
+        todo = [i for i in range(len(sequences)) if i not in done]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(one, i, seq, tuple(span))
-                       for i, (seq, span) in enumerate(zip(sequences, spans))]
-            try:
-                return [f.result() for f in futures]
-            except TeacherError:
-                for f in futures:
-                    f.cancel()
-                raise
+            futures = [pool.submit(one, i, sequences[i], tuple(spans[i])) for i in todo]
+            errors = [f.exception() for f in futures]
+        if any(errors):
+            raise first_error[0] if first_error else next(e for e in errors if e)
+
+    def _wait_for_teacher(self, since: float, error: str) -> bool:
+        """Probe ``/v1/models`` with capped backoff until a URL answers (True) or the patience
+        runs out (False), with a status line on every probe."""
+        attempt = 0
+        while True:
+            for url in self.urls:
+                try:
+                    served_models(url, self._api_key, timeout=min(10.0, self.timeout))
+                    self._dead.pop(url, None)
+                    return True
+                except TeacherError:
+                    continue
+            waited = time.monotonic() - since
+            if waited >= self.patience_s:
+                return False
+            pause = min(self.delay(attempt), self.patience_s - waited)
+            self.on_wait(f"teacher unavailable for {waited:.0f} s ({error[-160:]}); waiting up "
+                         f"to {self.patience_s:.0f} s (teacher.patience_s), next probe in "
+                         f"{pause:.0f} s")
+            time.sleep(pause)
+            attempt += 1
+
+
+def _stderr_line(message: str) -> None:
+    print(f"crossopd: {message}", file=sys.stderr, flush=True)
 
 
 def _parse(doc: dict, ids: list[int], span: tuple[int, int], url: str) -> np.ndarray:
