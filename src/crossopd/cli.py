@@ -78,13 +78,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              out_dir=args.out or "runs/bench_serve", progress=log)
         print(json.dumps(result) if args.json else render_serve(result))
         return 0 if result["errors"] == 0 else 1
-    if args.which != "align":
-        print(
-            f"crossopd bench {args.which}: not implemented yet ('align', 'learn' and 'serve' "
-            "exist)",
-            file=sys.stderr,
-        )
-        return 2
+    if args.which == "step":
+        from crossopd.bench.step import bench_step, render_step
+
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+        result = bench_step(quick=args.quick, out_dir=args.out or "runs/bench_step",
+                            peers=not args.no_peers, vllm_python=args.vllm_python, progress=log)
+        print(json.dumps(result) if args.json else render_step(result))
+        return 0
     from crossopd.bench.align import bench_align, render_row
 
     def progress(row: dict) -> None:
@@ -214,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "equal student-token budget, on small models trained from scratch (--quick: ~10-15 min "
         "on 2 cores). 'serve': serve-teacher on the bundled teacher under one client, then N "
         "concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, peak RSS; --quick: "
-        "~1 min on 2 cores). 'step': not implemented yet.",
+        "~1 min on 2 cores). 'step': one whole OPD step per phase for the native and TRL "
+        "engines on the bundled cross pair and a same-tokenizer control, the cross-family "
+        "overhead, and TRL's distillation trainers beside it (--quick: ~10 min on 2 cores).",
     )
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
@@ -224,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: quick with --quick, else full)")
     b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
                    "runs/bench_serve)")
+    b.add_argument("--no-peers", action="store_true", help="step: skip TRL's distillation "
+                   "trainers")
+    b.add_argument("--vllm-python", help="step: a Python with vLLM installed (e.g. "
+                   ".venv-vllm/bin/python) for TRL rows with vLLM rollouts")
     b.add_argument("--clients", type=int, help="serve: concurrent clients (default 8 with "
                    "--quick, else 16)")
     b.set_defaults(func=cmd_bench)
