@@ -3,7 +3,9 @@
 #   1. serves the teacher with vLLM's OpenAI server (token-id prompts, prompt_logprobs),
 #   2. runs the TRL engine with vLLM colocate rollouts for a few steps on a small pair,
 #   3. prints, per step, step time, student tokens/s, the phase breakdown, and the peak GPU
-#      memory seen by nvidia-smi.
+#      memory seen by nvidia-smi,
+#   4. runs `crossopd bench step --quick --device cuda` (both engines, cross pair and
+#      same-tokenizer control, TRL's GOLD / DistillationTrainer beside them).
 # Runs in under 10 minutes on one H100. Models default to the bundled pair (SmolLM2-135M student,
 # Gemma 3 270M teacher, de-quantised from their GGUF files into crossopd's cache), so no model hub
 # is needed; set STUDENT / TEACHER to HF directories or hub ids to check another pair.
@@ -84,3 +86,7 @@ sec = sum(r["time/step_s"] for r in steady)
 print(json.dumps({"steps": len(rows), "student_tok_per_s": tok / sec, "step_s": sec / len(steady),
                   "peak_gpu_mem_mib": max(mem) if mem else None}))
 EOF
+
+# 4. the step breakdown per engine and pair on this GPU, with TRL's peers (crossopd bench step)
+kill $VLLM_PID 2>/dev/null || true
+$PY -m crossopd bench step --quick --device cuda --out "$OUT/bench_step"

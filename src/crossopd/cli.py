@@ -83,7 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
         result = bench_step(quick=args.quick, out_dir=args.out or "runs/bench_step",
-                            peers=not args.no_peers, vllm_python=args.vllm_python, progress=log)
+                            peers=not args.no_peers, vllm_python=args.vllm_python,
+                            device=args.device, progress=log)
         print(json.dumps(result) if args.json else render_step(result))
         return 0
     from crossopd.bench.align import bench_align, render_row
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: quick with --quick, else full)")
     b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
                    "runs/bench_serve)")
+    b.add_argument("--device", default="cpu", help="step: cpu, cuda or auto (default cpu)")
     b.add_argument("--no-peers", action="store_true", help="step: skip TRL's distillation "
                    "trainers")
     b.add_argument("--vllm-python", help="step: a Python with vLLM installed (e.g. "

@@ -47,6 +47,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if components is None:
+        teacher = cfg.teacher.model or ", ".join(cfg.teacher.urls)
+        status(f"loading student {cfg.student.model} and teacher {teacher} ...")
     c = components or build_components(cfg)
     optimizer = torch.optim.AdamW(c.student.parameters(), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay)
@@ -62,6 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     step_args = {"credit_rule": cfg.credit_rule, "max_batch_tokens": cfg.max_batch_tokens}
 
     def run_eval(step: int) -> dict:
+        status(f"evaluating at step {step} on {len(heldout)} held-out prompts ...")
         r = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007, **step_args)
         check_overflow({"sequences": len(heldout), "overflowed": r["overflowed_sequences"]},
                        f"evaluation at step {step}", cfg, bar_write)
@@ -131,6 +135,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         "output_dir": str(out_dir),
         "final": str(final),
     }
+
+
+def status(message: str) -> None:
+    """A status line for the slow parts without a bar (model loading, evaluation)."""
+    print(f"crossopd: {message}", file=sys.stderr, flush=True)
 
 
 def check_overflow(totals: dict, where: str, cfg: TrainConfig, write: Any) -> None:

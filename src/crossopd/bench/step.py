@@ -43,10 +43,10 @@ def pairs(student: str, teacher: str, same_teacher: str) -> dict[str, list[str]]
 
 
 def run_row(engine: str, pair: list[str], preset: dict, out_dir: Path,
-            python: str = sys.executable) -> dict:
+            python: str = sys.executable, device: str = "cpu") -> dict:
     """One ``crossopd train`` run in a child process; its measured steps summarised."""
     steps = preset["warmup"] + preset["steps"]
-    cmd = [python, "-m", "crossopd.cli", "train", *pair, f"engine={engine}", "device=cpu",
+    cmd = [python, "-m", "crossopd.cli", "train", *pair, f"engine={engine}", f"device={device}",
            f"steps={steps}", f"batch_size={preset['prompts']}", "rollout.samples_per_prompt=2",
            f"rollout.max_new_tokens={preset['max_new_tokens']}", "eval_prompts=0",
            "checkpoint_every=0", f"output_dir={out_dir}", "--overwrite", "--no-progress"]
@@ -107,7 +107,7 @@ def bench_step(quick: bool = False, out_dir: str | Path = "runs/bench_step",
                engines: tuple[str, ...] = ("native", "trl"), peers: bool = True,
                student: str = "smollm2", teacher: str = "gemma3-270m",
                same_teacher: str = "smollm2", vllm_python: str | None = None,
-               progress: Callable[[str], None] | None = None) -> dict:
+               device: str = "cpu", progress: Callable[[str], None] | None = None) -> dict:
     """Rows per (engine, rollout, pair), the cross-family overhead share, and TRL's peers.
     ``vllm_python``: an interpreter with vLLM installed, for TRL rows with vLLM rollouts."""
     say = progress or (lambda m: None)
@@ -122,7 +122,8 @@ def bench_step(quick: bool = False, out_dir: str | Path = "runs/bench_step",
             say(f"{engine} engine, {rollout} rollouts, {pair} pair ...")
             extra = ["rollout.backend=vllm"] if rollout == "vllm" else []
             row = run_row(engine, overrides + extra, preset, out / f"{engine}-{rollout}-{pair}",
-                          python=vllm_python if rollout == "vllm" else sys.executable)
+                          python=vllm_python if rollout == "vllm" else sys.executable,
+                          device=device)
             rows.append({"engine": engine, "rollout": rollout, "pair": pair, **row})
             say(render_row(rows[-1]))
     native = {r["pair"]: r for r in rows if r["engine"] == engines[0] and r["rollout"] == "hf"}
@@ -140,7 +141,7 @@ def bench_step(quick: bool = False, out_dir: str | Path = "runs/bench_step",
                 peer_rows.append(run_peer(
                     trainer, pair, batch_size=2 * preset["prompts"],
                     max_new_tokens=preset["max_new_tokens"], steps=preset["steps"],
-                    warmup_steps=preset["warmup"], student=student,
+                    warmup_steps=preset["warmup"], student=student, device=device,
                     teacher=teacher if pair == "cross" else same_teacher))
             except PeerUnavailable as e:
                 peer_rows.append({"trainer": trainer, "pair": pair, "mode": "unavailable",
@@ -148,7 +149,7 @@ def bench_step(quick: bool = False, out_dir: str | Path = "runs/bench_step",
     return {
         "preset": "quick" if quick else "full",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "device": device},
         "settings": dict(preset, samples_per_prompt=2),
         "rows": rows,
         "cross_overhead_share": share,
