@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,33 @@ def vocab(name: str) -> ByteVocab:
 @pytest.fixture(scope="session")
 def get_vocab():
     return vocab
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a real server in a test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: Any, url: str, deadline_s: float) -> None:
+    """Poll ``url`` until a real server subprocess answers; its output if it dies first."""
+    import time
+    import urllib.request
+
+    end = time.time() + deadline_s
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server at {url} not ready after {deadline_s}s")
 
 
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}

@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PLAIN
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import PLAIN, free_port
 
 
 def _serve(model: str, port: int) -> subprocess.Popen:
@@ -80,7 +74,7 @@ def _kill_after_requests(server: subprocess.Popen, n: int) -> None:
 
 @pytest.fixture()
 def undisturbed(tiny, tmp_path):
-    port = _free_port()
+    port = free_port()
     server = _serve(tiny["teacher"], port)
     try:
         run = _train(tiny, tmp_path / "ref", port)
@@ -93,7 +87,7 @@ def undisturbed(tiny, tmp_path):
 
 
 def test_teacher_restart_mid_run_is_waited_for(tiny, tmp_path, undisturbed):
-    port = _free_port()
+    port = free_port()
     server = _serve(tiny["teacher"], port)
     run = _train(tiny, tmp_path / "run", port, "teacher.patience_s=120")
     _kill_after_requests(server, 2)  # step 1 is two requests: the kill lands in step 2
@@ -110,7 +104,7 @@ def test_teacher_restart_mid_run_is_waited_for(tiny, tmp_path, undisturbed):
 
 
 def test_patience_exceeded_saves_and_resume_is_exact(tiny, tmp_path, undisturbed):
-    port = _free_port()
+    port = free_port()
     server = _serve(tiny["teacher"], port)
     out_dir = tmp_path / "run"
     run = _train(tiny, out_dir, port, "teacher.patience_s=3")

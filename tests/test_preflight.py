@@ -5,7 +5,6 @@ teacher without a plain template."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,8 @@ import pytest
 from crossopd.cli import main
 from crossopd.teachers import TeacherError
 from crossopd.teachers.probe import check_teacher_server
+
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,6 @@ def models_server():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fails_fast(capsys, args: list[str], expected: str, seconds: float = 15.0) -> str:
@@ -70,7 +66,7 @@ def test_bundled_name_typo(capsys, key, typo, right):
 
 
 def test_teacher_url_nobody_answers(capsys, tmp_path):
-    _fails_fast(capsys, ["train", f"teacher.urls=[http://127.0.0.1:{_free_port()}]",
+    _fails_fast(capsys, ["train", f"teacher.urls=[http://127.0.0.1:{free_port()}]",
                          "teacher.tokenizer=gemma3-270m", f"output_dir={tmp_path}",
                          "device=cpu"], "no teacher answers at")
 

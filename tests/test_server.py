@@ -25,20 +25,17 @@ from crossopd.teachers.hf import HFTeacher
 from crossopd.teachers.server import exposure_warning
 from crossopd.teachers.validate import RequestError, ServeLimits, parse_request
 
+from conftest import free_port
+
 KEY = "sk-test-5f0c1d9e7a"
 VOCAB = 49152  # the tiny models use SmolLM2's tokenizer
 MAX_PROMPTS, MAX_TOKENS, MAX_BODY = 8, 4096, 2**20
 SMALL = 2048  # an error page must stay small whatever came in
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start(model: str, log: Path, *extra: str, env: dict | None = None):
-    port = _free_port()
+    port = free_port()
     out = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model, "--port",

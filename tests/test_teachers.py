@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from crossopd.teachers.http import (
     TeacherUnavailable,
     parse_retry_after,
 )
+
+from conftest import free_port, wait_ready
 
 HERE = Path(__file__).parent
 
@@ -102,29 +103,10 @@ def test_gemma_scoring_memory_is_bounded():
 
 
 # ------------------------------------------------------------------------------------ HTTP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, deadline_s: float) -> None:
-    end = time.time() + deadline_s
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server at {url} not ready after {deadline_s}s")
-
 
 @pytest.fixture(scope="session")
 def teacher_server():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         # one request per forward pass: scores exactly equal to in-process ones, whatever the
         # client's concurrent requests (batched requests differ by float rounding)
@@ -133,7 +115,7 @@ def teacher_server():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/health", 180)
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", 180)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
@@ -170,7 +152,7 @@ def fault_server():
     procs = []
 
     def start(mode: str) -> tuple[str, subprocess.Popen]:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), mode, str(port)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -200,7 +182,7 @@ def test_http_faults_end_in_clear_error(fault_server, mode, message, attempts):
 
 
 def test_connection_refused(fault_server):
-    client = HTTPTeacher(f"http://127.0.0.1:{_free_port()}", timeout=1, retries=2, backoff=0.05)
+    client = HTTPTeacher(f"http://127.0.0.1:{free_port()}", timeout=1, retries=2, backoff=0.05)
     with pytest.raises(TeacherError, match="after 3 attempts.*(refused|URLError)"):
         client.score([[1, 2]], [(1, 2)])
 
@@ -219,7 +201,7 @@ def test_server_killed_mid_request(fault_server):
 
 def test_load_balancing_survives_a_dead_url(fault_server):
     good, _ = fault_server("ok")
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     client = HTTPTeacher([dead, good], timeout=2, retries=2, backoff=0.01)
     out = client.score([[1, 2, 3, 4]] * 6, [(1, 4)] * 6)
     assert all(np.array_equal(o, [-1.0, -1.0, -1.0]) for o in out)
@@ -384,7 +366,7 @@ def test_api_key_is_sent_but_never_shown(fault_server, monkeypatch):
 def test_api_key_reaches_serve_teacher_and_stays_out_of_config(tiny, tmp_path, monkeypatch):
     from crossopd.config import load_config, resolve_api_key
 
-    port = _free_port()
+    port = free_port()
     key = "sk-serve-4242"
     proc = subprocess.Popen(
         [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", tiny["student"],
@@ -393,7 +375,7 @@ def test_api_key_reaches_serve_teacher_and_stays_out_of_config(tiny, tmp_path, m
         env={**os.environ, "CROSSOPD_API_KEY": key},
     )
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/health", 120)
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", 120)
         url = f"http://127.0.0.1:{port}"
         with pytest.raises(TeacherClientError, match="HTTP 401.*API key") as err:
             HTTPTeacher(url, model="tiny", api_key="").score([[1, 2, 3]], [(1, 3)])

@@ -230,13 +230,13 @@ def test_training_against_a_real_http_teacher(tiny, tmp_path):
     """One step with the teacher behind `crossopd serve-teacher` on 127.0.0.1."""
     from crossopd.train import train
 
-    from test_teachers import _free_port, _wait_ready
+    from conftest import free_port, wait_ready
 
-    port = _free_port()
+    port = free_port()
     server = _run_cli(["serve-teacher", "--model", tiny["teacher"], "--port", str(port),
                        "--device", "cpu", "--name", "tiny-teacher"])
     try:
-        _wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
+        wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
         cfg = _config(tiny, tmp_path / "http", steps=1, eval_prompts=0)
         cfg["teacher"] = {"urls": [f"http://127.0.0.1:{port}"], "served_name": "tiny-teacher",
                           "tokenizer": tiny["teacher"], **PLAIN}

@@ -163,15 +163,15 @@ def test_torchrun_two_processes_lora_on_the_bundled_pair_killed_and_resumed(tmp_
 
 def test_trl_engine_against_a_real_http_teacher(tiny, tmp_path):
     """One TRL-engine step scored by `crossopd serve-teacher` on 127.0.0.1."""
-    from test_teachers import _free_port, _wait_ready
+    from conftest import free_port, wait_ready
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "crossopd", "serve-teacher", "--model", tiny["teacher"],
          "--port", str(port), "--device", "cpu", "--name", "tiny-teacher"], env=ENV,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
+        wait_ready(server, f"http://127.0.0.1:{port}/health", 120)
         cfg = {"engine": "trl", "student": {"model": tiny["student"]},
                "teacher": {"urls": [f"http://127.0.0.1:{port}/v1"], "served_name": "tiny-teacher",
                            "tokenizer": tiny["teacher"], **PLAIN},

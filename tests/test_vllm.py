@@ -17,8 +17,7 @@ import yaml
 from crossopd import bundled
 from crossopd.hub import gguf_model_dir
 
-from conftest import PLAIN
-from test_teachers import _free_port, _wait_ready
+from conftest import PLAIN, free_port, wait_ready
 
 ROOT = Path(__file__).parents[1]
 VLLM_VENV = Path(os.environ.get("CROSSOPD_VLLM_VENV", ROOT / ".venv-vllm"))
@@ -32,7 +31,7 @@ def vllm_teacher(tmp_path_factory):
     if not python.exists():
         pytest.fail(f"no vLLM environment at {VLLM_VENV}: run `make vllm-env` (vLLM pins its own "
                     "torch and transformers, so it has an environment of its own)", pytrace=False)
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
@@ -44,7 +43,7 @@ def vllm_teacher(tmp_path_factory):
              "--enforce-eager"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         try:
-            _wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 420)
+            wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 420)
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{log.read_text()[-4000:]}") from e
         yield f"http://127.0.0.1:{port}/v1"
