@@ -86,8 +86,10 @@ def test_bench_align_shape_small():
 
 
 def test_bench_unknown_target_is_explicit(capsys):
-    assert main(["bench", "step"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "steps"])
+    assert e.value.code == 2
+    assert "invalid choice: 'steps'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n", [1, 7, 300])
