@@ -72,18 +72,19 @@ def _kill_after_requests(server: subprocess.Popen, n: int) -> None:
     raise AssertionError("the server stopped before it scored step 1")
 
 
-@pytest.fixture()
-def undisturbed(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def undisturbed(tiny, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("undisturbed")
     port = free_port()
     server = _serve(tiny["teacher"], port)
     try:
-        run = _train(tiny, tmp_path / "ref", port)
+        run = _train(tiny, ref, port)
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err[-2000:]
     finally:
         server.kill()
         server.wait(timeout=30)
-    return _rows(tmp_path / "ref")
+    return _rows(ref)
 
 
 def test_teacher_restart_mid_run_is_waited_for(tiny, tmp_path, undisturbed):
@@ -117,7 +118,9 @@ def test_patience_exceeded_saves_and_resume_is_exact(tiny, tmp_path, undisturbed
     assert "Traceback" not in err
     saved = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
     completed = int(saved[-1].split("_")[1])
-    assert completed >= 1 and len(_rows(out_dir)) == completed
+    # the server logs a request just before its answer leaves: the kill can still cut step 1
+    rows = _rows(out_dir) if (out_dir / "metrics.jsonl").exists() else []
+    assert completed in (0, 1) and len(rows) == completed
     server = _serve(tiny["teacher"], port)
     try:
         resumed = subprocess.run(_train_cmd(tiny, out_dir, port, "teacher.patience_s=3") +
