@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, peak RSS; --quick: "
         "~1 min on 2 cores). 'step': one whole OPD step per phase for the native and TRL "
         "engines on the bundled cross pair and a same-tokenizer control, the cross-family "
-        "overhead, and TRL's distillation trainers beside it (--quick: ~10 min on 2 cores).",
+        "overhead, and TRL's distillation trainers beside it (--quick: ~4 min on 2 cores).",
     )
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
