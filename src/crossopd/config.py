@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from crossopd import bundled
-from crossopd.credit import RULES
+from crossopd.credit import ALL_RULES
 from crossopd.loss import LossConfig
 
 
@@ -292,8 +292,9 @@ def _looks_like_path(s: str) -> bool:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.credit_rule not in RULES:
-        raise ConfigError(f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(RULES)}")
+    if cfg.credit_rule not in ALL_RULES:
+        raise ConfigError(
+            f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(ALL_RULES)}")
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
                             ("update_epochs", cfg.update_epochs, 1),
                             ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),

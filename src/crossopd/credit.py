@@ -1,9 +1,14 @@
 """Chunk credit assignment: spread each chunk's teacher log-prob over its student tokens.
 
-For chunk c with teacher total ``L_T`` and student total ``L_S`` every rule returns one target
-``q_i`` per student token with ``sum(q_i for i in c) == L_T`` (DESIGN section 1). All rules are
-segment sums over the chunk index, so the cost is a few array passes whatever the chunk count.
-Works on numpy arrays and on torch tensors (same device, same dtype family out as in).
+For chunk c with teacher total ``L_T`` and student total ``L_S`` every rule of ``RULES`` returns
+one target ``q_i`` per student token with ``sum(q_i for i in c) == L_T`` (DESIGN section 1). All
+rules are segment sums over the chunk index, so the cost is a few array passes whatever the chunk
+count. Works on numpy arrays and on torch tensors (same device, same dtype family out as in).
+
+``ABLATION_RULES`` are accepted too but break that invariant on purpose: ``chunk`` (chunk-level
+REINFORCE) gives every student token of the chunk the whole chunk log-ratio as its advantage,
+``q_i = log p_i + (L_T - L_S)`` so ``A_i = L_T - L_S`` before the clamp: the single-sample
+estimate of the chunk's reverse-KL term, broadcast instead of shared out.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import numpy as np
 from crossopd._native import dpca, native_available
 from crossopd.align import Alignment
 
-Rule = Literal["proportional", "uniform", "last"]
+Rule = Literal["proportional", "uniform", "last", "chunk"]
 RULES: tuple[str, ...] = ("proportional", "uniform", "last")  # order = native rule code
+# advantage-level ablations: chunk sums of q are not L_T, so not among RULES (the C path and
+# every sum-invariant check iterate RULES)
+ABLATION_RULES: tuple[str, ...] = ("chunk",)
+ALL_RULES: tuple[str, ...] = RULES + ABLATION_RULES
 PROPORTIONAL_EPS = 1e-8
 
 
@@ -47,14 +56,15 @@ def assign_credit(
     student_logps: Any,
     rule: Rule = "proportional",
 ) -> Any:
-    """Per-student-token targets ``q`` whose chunk sums equal the teacher's chunk log-prob.
+    """Per-student-token targets ``q`` whose chunk sums equal the teacher's chunk log-prob
+    (``rule="chunk"``: whose advantages ``q_i - log p_i`` equal the chunk's ``L_T - L_S``).
 
     ``teacher_logps`` has one entry per teacher token and ``student_logps`` one per student token
     (rollout-time log-probs). Returns the same array type as ``student_logps`` with NaN where the
     student token is unaligned.
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown credit rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule not in ALL_RULES:
+        raise ValueError(f"unknown credit rule {rule!r}; choose one of {', '.join(ALL_RULES)}")
     torch_mode = _is_torch(student_logps)
     if torch_mode:
         import torch
@@ -80,7 +90,7 @@ def assign_credit(
             f"{t_chunk.shape[0]} teacher tokens"
         )
     n = alignment.num_chunks
-    if alignment.fully_aligned and not torch_mode and native_available():
+    if alignment.fully_aligned and not torch_mode and rule in RULES and native_available():
         out = np.empty(s_lp.shape, dtype=np.float64)
         dpca.credit_full(
             s_chunk,
@@ -107,6 +117,10 @@ def assign_credit(
         small = abs(l_s) < PROPORTIONAL_EPS
         ratio = l_t / where(small, 1.0, l_s)
         q_in = where(small, uniform, ratio * s_in)
+    elif rule == "chunk":
+        # l_t - (l_s - s_in) rather than s_in + (l_t - l_s): on a 1:1 chunk l_s - s_in is
+        # exactly 0, so the target is the teacher's log-prob bit for bit (standard OPD)
+        q_in = l_t - (l_s - s_in)
     else:  # "last": the chunk's last student token absorbs the difference
         is_last = s_seg[1:] != s_seg[:-1]
         if torch_mode:

@@ -25,7 +25,7 @@ from crossopd.bridge import (
     build_teacher_request,
 )
 from crossopd.config import RolloutConfig
-from crossopd.credit import assign_credit
+from crossopd.credit import RULES, assign_credit
 from crossopd.loss import LossConfig, advantages, policy_loss
 from crossopd.prompts import Example
 from crossopd.rollout.hf import sample
@@ -234,7 +234,13 @@ def score_rollouts(
         else:
             q = np.full(len(lp), np.nan)
         q = np.asarray(q, dtype=np.float64)
-        stats.add(a, req, lp.numpy(), q, penalized=_penalize_specials(
+        # the KL statistics read sum(log p - q) per chunk, which is L_S - L_T only for the
+        # sum-invariant rules: an ablation rule's rollouts report the uniform rule's KL
+        q_kl = q
+        if credit_rule not in RULES and i in teacher_lp:
+            q_kl = np.asarray(assign_credit(a, teacher_lp[i], lp.numpy(), rule="uniform"))
+            _penalize_specials(q_kl, lp.numpy(), req, c.sv.special, special_penalty)
+        stats.add(a, req, lp.numpy(), q_kl, penalized=_penalize_specials(
             q, lp.numpy(), req, c.sv.special, special_penalty))
         targets.append(torch.from_numpy(q))
     times["align_credit"] = time.perf_counter() - t0

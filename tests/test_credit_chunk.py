@@ -1,0 +1,106 @@
+"""The ``chunk`` credit ablation (chunk-level REINFORCE) against its definition: every student
+token of a chunk gets the chunk's log-ratio ``L_T - L_S`` as its advantage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crossopd import assign_credit
+from crossopd.align import align_lengths
+from crossopd.config import ConfigError, TrainConfig, validate
+from crossopd.credit import ABLATION_RULES, ALL_RULES, RULES
+
+pytestmark = pytest.mark.core
+
+
+@st.composite
+def alignments(draw):
+    """Random tokenizations of a random byte string; sometimes the teacher's bytes differ (so
+    some tokens are unaligned) and sometimes both sides cut identically (all chunks 1:1)."""
+    total = draw(st.integers(0, 40))
+    data = bytes(draw(st.lists(st.integers(97, 99), min_size=total, max_size=total)))
+
+    def cuts():
+        c = sorted(set(draw(st.lists(st.integers(1, max(total - 1, 1)), max_size=total))))
+        c = [x for x in c if 0 < x < total]
+        return np.diff([0, *c, total]).astype(np.int64) if total else np.zeros(0, np.int64)
+
+    s_len = cuts()
+    t_len = s_len.copy() if draw(st.booleans()) else cuts()
+    t_data = data
+    if draw(st.booleans()) and total:
+        k = draw(st.integers(0, total - 1))
+        t_data = data[:k] + b"Z" + data[k + 1:]
+    a = align_lengths(s_len, t_len, data, t_data)
+    lp = st.floats(0, 8, allow_subnormal=False)
+    s_lp = -np.asarray(draw(st.lists(lp, min_size=s_len.size, max_size=s_len.size)), np.float64)
+    t_lp = -np.asarray(draw(st.lists(lp, min_size=t_len.size, max_size=t_len.size)), np.float64)
+    return a, s_lp, t_lp
+
+
+def chunk_log_ratio(a, t_lp, s_lp) -> np.ndarray:
+    """L_T(c) - L_S(c) for each student token's chunk, NaN where unaligned (a plain loop)."""
+    out = np.full(s_lp.size, np.nan)
+    for i, c in enumerate(a.student_chunk):
+        if c >= 0:
+            out[i] = t_lp[a.teacher_chunk == c].sum() - s_lp[a.student_chunk == c].sum()
+    return out
+
+
+def test_chunk_is_an_ablation_not_a_sum_invariant_rule():
+    assert "chunk" in ABLATION_RULES and "chunk" in ALL_RULES and "chunk" not in RULES
+    cfg = TrainConfig(credit_rule="chunk")
+    cfg.teacher.model = "teacher-dir"
+    validate(cfg)  # accepted by the config validation
+    with pytest.raises(ConfigError, match="credit_rule"):
+        validate(TrainConfig(credit_rule="chunks"))
+
+
+@given(case=alignments())
+def test_every_token_gets_its_chunks_log_ratio(case):
+    a, s_lp, t_lp = case
+    q = assign_credit(a, t_lp, s_lp, rule="chunk")
+    assert np.array_equal(np.isnan(q), a.student_chunk < 0)  # NaN exactly where unaligned
+    np.testing.assert_allclose(q - s_lp, chunk_log_ratio(a, t_lp, s_lp), rtol=0, atol=1e-9)
+
+
+@given(case=alignments())
+def test_one_to_one_chunks_get_the_teacher_logprob_exactly(case):
+    a, s_lp, t_lp = case
+    s_sizes = np.bincount(a.student_chunk[a.student_chunk >= 0], minlength=a.num_chunks)
+    t_sizes = np.bincount(a.teacher_chunk[a.teacher_chunk >= 0], minlength=a.num_chunks)
+    one = np.flatnonzero((s_sizes == 1) & (t_sizes == 1))
+    s_idx = np.flatnonzero(np.isin(a.student_chunk, one))
+    t_idx = np.flatnonzero(np.isin(a.teacher_chunk, one))  # same chunk order on both sides
+    q = assign_credit(a, t_lp, s_lp, rule="chunk")
+    assert np.array_equal(q[s_idx], t_lp[t_idx])  # bit for bit: standard per-token OPD
+    for rule in RULES:  # the sum-invariant rules agree there (proportional up to rounding)
+        other = assign_credit(a, t_lp, s_lp, rule=rule)
+        np.testing.assert_allclose(other[s_idx], q[s_idx], rtol=1e-15, atol=0)
+
+
+@given(case=alignments())
+def test_torch_matches_numpy_and_native_setting_is_irrelevant(case):
+    a, s_lp, t_lp = case
+    q_np = assign_credit(a, t_lp, s_lp, rule="chunk")
+    q_t = assign_credit(a, torch.from_numpy(t_lp), torch.from_numpy(s_lp), rule="chunk")
+    assert isinstance(q_t, torch.Tensor) and q_t.dtype == torch.float64
+    np.testing.assert_array_equal(q_t.numpy(), q_np)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CROSSOPD_NATIVE", "0")
+        np.testing.assert_array_equal(assign_credit(a, t_lp, s_lp, rule="chunk"), q_np)
+
+
+def test_worked_example_against_proportional():
+    # one 2:1 chunk ("ab" = one teacher token) then a 1:1 chunk ("c")
+    a = align_lengths(np.array([1, 1, 1]), np.array([2, 1]), b"abc", b"abc")
+    s_lp, t_lp = np.array([-1.0, -2.0, -0.5]), np.array([-1.5, -0.25])
+    adv_chunk = assign_credit(a, t_lp, s_lp, rule="chunk") - s_lp
+    adv_prop = assign_credit(a, t_lp, s_lp, rule="proportional") - s_lp
+    np.testing.assert_allclose(adv_chunk, [1.5, 1.5, 0.25])  # L_T - L_S = -1.5 + 3
+    np.testing.assert_allclose(adv_prop, [0.5, 1.0, 0.25])  # the log-ratio shared out
+    assert adv_prop[:2].sum() == pytest.approx(adv_chunk[0])
