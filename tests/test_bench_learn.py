@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from crossopd.align import align
-from crossopd.bench.learn import ARMS, bench_learn
+from crossopd.bench.learn import ARMS, bench_learn, summarise
+from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
 from crossopd.bench.learn_task import (
     check_answer,
     make_problem,
@@ -59,12 +61,58 @@ def test_tokenizers_disagree_on_digit_boundaries_but_align_exactly():
 def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
     r = bench_learn("tiny", out_dir=tmp_path / "out", progress=lambda m: None)
-    assert set(r["arms"]) == set(ARMS) | {"uld"}  # the tiny preset runs the ULD arm too
+    assert set(r["arms"]) == set(ARMS) and {"opd_cross_chunk", "uld"} <= set(ARMS)
     for arm in r["arms"]:
         a = r["arms"][arm]
         assert 0.0 <= a["acc_mean"] <= 1.0 and a["acc_std"] >= 0.0
         assert len(a["acc_per_seed"]) == 2
         assert a["student_tokens"] >= (0 if arm == "untrained" else 600)
     assert 0.0 < r["one_to_one_share"] <= 1.0
+    assert set(r["ratio_cross_same"]) >= {"value", "ci_low", "ci_high"}
+    assert set(r["cross_minus_sft"]) >= {"value", "ci_low", "ci_high"}
+    assert set(r["teachers"]) >= {"teacher_x", "teacher_s", "matched", "training"}
+    assert r["identity"]["exact"] and r["identity"]["one_to_one_chunks"] == r["identity"]["chunks"]
+    assert set(r["diagnosis"]["rules"]) == {"proportional", "uniform", "last", "chunk"}
     assert (tmp_path / "out" / "learn_curve.png").stat().st_size > 1000
     assert (tmp_path / "out" / "result.json").exists()
+
+
+def _runs(acc_by_arm: dict[str, list[list[int]]]) -> dict:
+    return {arm: [{"acc": float(np.mean(c)), "correct": np.array(c), "tokens": 100,
+                   "curve": [(100, float(np.mean(c)))]} for c in seeds]
+            for arm, seeds in acc_by_arm.items()}
+
+
+def test_bootstrap_statistics_match_their_definitions():
+    rng = np.random.default_rng(0)
+    correct = {arm: (rng.random((5, 40)) < p).astype(float)
+               for arm, p in (("untrained", 0.1), ("sft", 0.3), ("cross", 0.5), ("same", 0.6))}
+    m = {k: v.mean() for k, v in correct.items()}
+    r = bootstrap(correct, gain_ratio("cross", "same", "untrained"))
+    assert r["value"] == pytest.approx((m["cross"] - m["untrained"]) / (m["same"] - m["untrained"]))
+    assert r["ci_low"] < r["value"] < r["ci_high"]
+    d = bootstrap(correct, difference("cross", "sft"))
+    # a 0.2 gap on 200 answers: the interval excludes 0
+    assert d["value"] == pytest.approx(m["cross"] - m["sft"]) and d["ci_low"] > 0
+    # no spread at all: the interval is the point
+    flat = {k: np.ones((3, 10)) * (i + 1) / 10 for i, k in enumerate(("untrained", "a", "b"))}
+    f = bootstrap(flat, gain_ratio("a", "b", "untrained"))
+    assert f["ci_low"] == pytest.approx(0.5) and f["ci_high"] == pytest.approx(0.5)
+    # an undefined ratio (the reference did not gain) is None, not a number
+    same = bootstrap({"untrained": np.ones((2, 4)), "a": np.ones((2, 4)), "b": np.ones((2, 4))},
+                     gain_ratio("a", "b", "untrained"))
+    assert same["value"] is None and same["undefined_resamples"] > 0
+
+
+def test_ratio_is_refused_when_teachers_are_not_matched(tmp_path):
+    arms = {"untrained": [[0, 0, 1, 0]] * 2, "sft": [[1, 0, 1, 0]] * 2,
+            **{f"opd_cross_{r}": [[1, 1, 0, 0]] * 2
+               for r in ("proportional", "uniform", "last", "chunk")},
+            "opd_same": [[1, 1, 1, 0]] * 2, "uld": [[0, 1, 0, 0]] * 2}
+    for diff, matched in ((0.01, True), (0.05, False)):
+        teachers = {"teacher_x": 0.6, "teacher_s": 0.6 + diff, "difference": diff,
+                    "matched": matched}
+        r = summarise(_runs(arms), teachers, tmp_path)
+        assert (r["ratio_cross_same"]["value"] is None) == (not matched)
+        assert ("refused" in r["ratio_cross_same"]) == (not matched)
+        assert r["ratios"]["proportional"]["value"] == pytest.approx((0.5 - 0.25) / (0.75 - 0.25))

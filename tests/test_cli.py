@@ -178,7 +178,14 @@ def test_shipped_configs_validate():
     demo = load_config(demo_config_path())
     assert (demo.student.model, demo.teacher.model, demo.steps) == ("smollm2", "gemma3-270m", 10)
     assert demo.teacher.plain_template == "Question: {prompt}\nAnswer:"
-    assert demo.teacher.stop == "\n\nQuestion:" and demo.optim.lr == 1e-5
+    assert demo.teacher.stop == "\n\nQuestion:" and demo.optim.lr == 1e-4
+    # the teacher's worked examples share no name with a prompt the student trains or is scored on
+    from crossopd.prompts import load_examples
+
+    asked = " ".join(e.messages[-1]["content"] for e in load_examples(demo.data.path))
+    shots = [line.split()[1] for line in demo.teacher.system.split("\n")
+             if line.startswith("Question: ")]
+    assert len(shots) == 3 and not any(f" {name} " in f" {asked} " for name in shots)
     example = load_config(demo_config_path().with_name("example.yaml"), ["data.path=bundled:arith"])
     assert example.credit_rule == "proportional" and example.loss.clip_high == 0.28
 

@@ -33,7 +33,8 @@ def test_quickstart_cpu_blocks_run_as_written(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out = proc.stdout
         assert "teacher log-probs of 3 sample answers" in out  # doctor --score
-        assert "step 1/2:" in out and "step 2/2:" in out  # --no-progress: a line per step
+        # --no-progress: a line per step, on stderr beside the status lines
+        assert "step 1/2:" in proc.stderr and "step 2/2:" in proc.stderr
         assert "reverse KL per byte" in out and "response:" in out  # crossopd eval
         assert "Loading weights" not in proc.stderr  # no third-party progress bars
     run = tmp_path / "runs" / "my_run"

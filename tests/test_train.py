@@ -43,10 +43,16 @@ def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
     from crossopd.train import train
 
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(_config(tiny, tmp_path / "run", steps=3)))
+    path.write_text(yaml.safe_dump(_config(tiny, tmp_path / "run", steps=3, eval_samples=2)))
     cfg = load_config(path)
     result = train(cfg, progress=False)
     out = tmp_path / "run"
+    printed = capsys.readouterr()  # per-step lines go to stderr: `--json` keeps stdout clean
+    assert "step 3/3:" in printed.err and "step 3/3:" not in printed.out
+    # the before/after summary `crossopd demo --json` reports, per prompt over its 2 samples
+    assert result["metric"] == "accuracy" and result["heldout_metric_change_se"] >= 0
+    assert {"heldout_metric_before", "heldout_metric_after", "heldout_stop_rate_before",
+            "heldout_stop_rate_after"} <= set(result)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -61,6 +67,9 @@ def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
     assert result["heldout_kl_before"] is not None and result["heldout_kl_after"] is not None
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 3] and "accuracy" in evals[0]
+    # one value per held-out prompt: the share of its 2 samples that were right
+    assert len(evals[0]["correct"]) == 2 and set(evals[0]["correct"]) <= {0.0, 0.5, 1.0}
+    assert evals[0]["response_tokens"] > 0 and evals[0]["stop_rate"] in {0, .25, .5, .75, 1}
     # samples before and after, in eval.jsonl and the report
     assert len(evals[-1]["samples"]) == 2 and {"prompt", "response", "answer"} <= \
         set(evals[-1]["samples"][0])
@@ -379,6 +388,8 @@ def test_special_token_mid_response_follows_the_policy(tiny, policy):
         assert not valid[k]
         assert s.stats["penalized_special_tokens"] == 0 and s.stats["masked_special_tokens"] == 1
     assert valid[:k].all() and s.stats["kl_per_token"] < 50  # the penalty is not a KL
+    # the KL statistics count teacher-scored tokens only, never a penalized or masked special
+    assert s.stats["signal_tokens"] == int(valid.sum()) - int(policy == "penalize")
     if policy == "stop":  # a sample that ends on it gets a stop chunk, as at the end-of-turn
         s = score_rollouts(c, [ex], [c.student_fmt.prompt_ids(ex.messages)],
                            [response[: k + 1]], credit_rule="proportional", max_batch_tokens=4096)

@@ -133,7 +133,8 @@ static PyObject *credit_full(PyObject *self, PyObject *args) {
         if (rule == 2) {
             for (int64_t x = i; x < i1 - 1; x++) q[x] = slp[x];
             q[i1 - 1] = lt - (ls - slp[i1 - 1]);
-        } else if (rule == 1 || (ls < 1e-8 && ls > -1e-8)) {
+        } else if (rule == 1 || cnt == 1 || (ls < 1e-8 && ls > -1e-8)) {
+            /* cnt == 1: lt itself, so a 1:1 chunk gets the teacher's log-prob bit for bit */
             for (int64_t x = i; x < i1; x++) q[x] = lt / (double)cnt;
         } else {
             double ratio = lt / ls;

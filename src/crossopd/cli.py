@@ -63,7 +63,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "learn":
-        from crossopd.bench.learn import bench_learn, render_learn_table
+        from crossopd.bench.learn import bench_learn
+        from crossopd.bench.learn_stats import render_learn_table
 
         preset = args.preset or ("quick" if args.quick else "full")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
@@ -129,8 +130,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(demo_config_path(), list(args.overrides))
     quiet_hf()
     result = train(cfg, progress=not args.json, overwrite=True)  # the demo reruns from scratch
-    out = {k: result[k] for k in ("heldout_kl_before", "heldout_kl_after", "steps", "coverage",
-                                  "report")}
+    keys = ("heldout_kl_before", "heldout_kl_after", "metric", "heldout_metric_before",
+            "heldout_metric_after", "heldout_metric_change_se", "heldout_metric_se_before",
+            "heldout_metric_se_after", "heldout_stop_rate_before", "heldout_stop_rate_after",
+            "steps", "coverage", "report")
+    out = {k: result.get(k) for k in keys}
     if args.json:
         print(json.dumps(out))
     else:
@@ -212,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks (JSON with --json)",
         description="Run a benchmark. 'align': student tokens/s of align + credit "
         "vs the decode-based baseline on three real tokenizer pairs. 'learn': held-out "
-        "accuracy of SFT, cross-tokenizer OPD (three credit rules) and same-tokenizer OPD at an "
-        "equal student-token budget, on small models trained from scratch (--quick: ~10-15 min "
-        "on 2 cores). 'serve': serve-teacher on the bundled teacher under one client, then N "
-        "concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, peak RSS; --quick: "
-        "~1 min on 2 cores). 'step': one whole OPD step per phase for the native and TRL "
-        "engines on the bundled cross pair and a same-tokenizer control, the cross-family "
-        "overhead, and TRL's distillation trainers beside it (--quick: ~4 min on 2 cores).",
+        "accuracy of SFT, ULD, cross-tokenizer OPD (four credit rules) and same-tokenizer OPD "
+        "from strength-matched teachers at an equal student-token budget, on small models "
+        "trained from scratch, with bootstrap intervals, an oracle diagnosis of the credit rules "
+        "and an identity control (--quick: 5 seeds, ~15 min on 2 cores with cached teachers, ~7 "
+        "min more to build them). 'serve': serve-teacher on the bundled teacher under one "
+        "client, then N concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, "
+        "peak RSS; --quick: ~1 min on 2 cores). 'step': one whole OPD step per phase for the "
+        "native and TRL engines on the bundled cross pair and a same-tokenizer control, the "
+        "cross-family overhead, and TRL's distillation trainers beside it (--quick: ~4 min on 2 "
+        "cores).",
     )
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
@@ -239,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="short real cross-family OPD run on the bundled models",
                        description="Student SmolLM2-135M-Instruct learns from teacher Gemma 3 "
-                       "270M (base, plain template) on the bundled arithmetic prompts; prints "
-                       "held-out reverse KL per byte before and after, alignment statistics and "
-                       "the report path. About 5 minutes on 2 CPU cores.")
+                       "270M (base, plain template, three worked examples only the teacher "
+                       "sees) to answer counting questions about its prompt; prints held-out "
+                       "accuracy (with its paired standard error), stop rate and reverse KL per "
+                       "byte before and after, alignment statistics and the report path. About "
+                       "4 minutes on 2 CPU cores.")
     d.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. steps=4)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=cmd_demo)

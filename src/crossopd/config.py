@@ -15,6 +15,7 @@ import yaml
 
 from crossopd import bundled
 from crossopd.credit import ALL_RULES
+from crossopd.evals import ANSWER_MATCHES
 from crossopd.loss import LossConfig
 
 
@@ -67,6 +68,9 @@ class DataConfig:
     heldout_path: str | None = None  # default: the last `heldout_size` rows of `path`
     heldout_size: int = 16
     answer_column: str = "answer"
+    # auto: numbers via math-verify, text as whole words of the first sentence (case and
+    # accents folded); exact: the whole response is the answer, case and all
+    answer_match: str = "auto"
 
 
 @dataclass
@@ -110,6 +114,9 @@ class TrainConfig:
     update_epochs: int = 1
     eval_every: int = 0  # 0: evaluate before and after training only
     eval_prompts: int = 16
+    # sampled responses per held-out prompt: more of them shrink the sampling noise in the
+    # held-out metrics (the per-prompt metric is the mean over its samples)
+    eval_samples: int = 1
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 0
@@ -295,11 +302,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.credit_rule not in ALL_RULES:
         raise ConfigError(
             f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(ALL_RULES)}")
+    if cfg.data.answer_match not in ANSWER_MATCHES:
+        raise ConfigError(f"data.answer_match {cfg.data.answer_match!r}: choose one of "
+                          f"{', '.join(ANSWER_MATCHES)}")
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
                             ("update_epochs", cfg.update_epochs, 1),
                             ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),
                             ("rollout.max_new_tokens", cfg.rollout.max_new_tokens, 1),
                             ("eval_prompts", cfg.eval_prompts, 0),
+                            ("eval_samples", cfg.eval_samples, 1),
                             ("keep_checkpoints", cfg.keep_checkpoints, 1)):
         if value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")

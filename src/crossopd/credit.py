@@ -114,7 +114,8 @@ def assign_credit(
     if rule == "uniform":
         q_in = uniform
     elif rule == "proportional":
-        small = abs(l_s) < PROPORTIONAL_EPS
+        # a one-token chunk takes L_T itself: (L_T / L_S) * log p may round off it by an ulp
+        small = (abs(l_s) < PROPORTIONAL_EPS) | (count == 1)
         ratio = l_t / where(small, 1.0, l_s)
         q_in = where(small, uniform, ratio * s_in)
     elif rule == "chunk":

@@ -1,11 +1,17 @@
-"""Answer checking for evaluation: math answers through ``math-verify`` when installed, with an
-exact last-number comparison as the fallback."""
+"""Answer checking for evaluation. A numeric answer goes through ``math-verify`` when installed,
+with an exact last-number comparison as the fallback. A text answer (no digits, e.g. a capital
+city) must appear as whole words in the response's first sentence, compared without case or
+accents, so a response that lists every city it knows does not count. ``data.answer_match:
+exact`` asks instead for the whole response to be the answer, case and all."""
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+_SENTENCE_END = re.compile(r"[.!?;]\s|\n")
 
 
 def last_number(text: str) -> str | None:
@@ -13,7 +19,39 @@ def last_number(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
-def answer_correct(response: str, answer: str) -> bool:
+def fold(text: str) -> str:
+    """Lower case without accents: ``Brasília`` and ``brasilia`` compare equal."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def first_sentence(text: str) -> str:
+    m = _SENTENCE_END.search(text.strip())
+    return text.strip()[: m.start()] if m else text.strip()
+
+
+def text_answer_correct(response: str, answer: str) -> bool:
+    words = re.escape(fold(answer.strip())).replace(r"\ ", r"\s+")
+    return re.search(rf"(?<!\w){words}(?!\w)", fold(first_sentence(response))) is not None
+
+
+def exact_answer_correct(response: str, answer: str) -> bool:
+    """The whole response is the answer, case and all (surrounding spaces and one final period
+    aside): for tasks whose answer is a form, like a word in capital letters."""
+    text = response.strip()
+    return (text[:-1].rstrip() if text.endswith(".") else text) == answer.strip()
+
+
+ANSWER_MATCHES = ("auto", "exact")
+
+
+def answer_correct(response: str, answer: str, match: str = "auto") -> bool:
+    """``match="auto"``: a number through math-verify (or the last number), a text answer as
+    whole words of the first sentence; ``"exact"``: :func:`exact_answer_correct`."""
+    if match == "exact":
+        return exact_answer_correct(response, answer)
+    if not any(ch.isdigit() for ch in answer):
+        return text_answer_correct(response, answer)
     try:
         from math_verify import parse, verify
 
@@ -24,3 +62,34 @@ def answer_correct(response: str, answer: str) -> bool:
         pass
     got = last_number(response)
     return got is not None and got == answer.strip().replace(",", "")
+
+
+def heldout_summary(evals: list[dict]) -> dict:
+    """Before/after of the held-out evaluations (first and last row of eval.jsonl): reverse KL
+    per byte, stop rate, and the task metric with standard errors over prompts (a prompt's value
+    is the mean over its samples). The change's standard error is paired: the spread of the
+    per-prompt differences, divided by sqrt(n)."""
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    out = {"heldout_kl_before": first["kl_per_byte"], "heldout_kl_after": last["kl_per_byte"],
+           "heldout_stop_rate_before": first["stop_rate"],
+           "heldout_stop_rate_after": last["stop_rate"]}
+    if "accuracy" not in first or "accuracy" not in last:
+        return out
+    out.update(metric="accuracy", heldout_metric_before=first["accuracy"],
+               heldout_metric_after=last["accuracy"])
+    a, b = first.get("correct"), last.get("correct")
+    if a and b and len(a) == len(b):
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        if len(pairs) > 1:
+            out["heldout_metric_change_se"] = standard_error([y - x for x, y in pairs])
+            out["heldout_metric_se_before"] = standard_error([x for x, _ in pairs])
+            out["heldout_metric_se_after"] = standard_error([y for _, y in pairs])
+    return out
+
+
+def standard_error(values: list[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

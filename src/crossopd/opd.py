@@ -236,12 +236,12 @@ def score_rollouts(
         q = np.asarray(q, dtype=np.float64)
         # the KL statistics read sum(log p - q) per chunk, which is L_S - L_T only for the
         # sum-invariant rules: an ablation rule's rollouts report the uniform rule's KL
-        q_kl = q
+        q_kl = q.copy()
         if credit_rule not in RULES and i in teacher_lp:
             q_kl = np.asarray(assign_credit(a, teacher_lp[i], lp.numpy(), rule="uniform"))
-            _penalize_specials(q_kl, lp.numpy(), req, c.sv.special, special_penalty)
-        stats.add(a, req, lp.numpy(), q_kl, penalized=_penalize_specials(
-            q, lp.numpy(), req, c.sv.special, special_penalty))
+        hit = _penalize_specials(q, lp.numpy(), req, c.sv.special, special_penalty)
+        q_kl[hit] = np.nan  # a penalty is not the teacher's judgement: kept out of the KL
+        stats.add(a, req, lp.numpy(), q_kl, penalized=int(hit.sum()))
         targets.append(torch.from_numpy(q))
     times["align_credit"] = time.perf_counter() - t0
     out = stats.result()
@@ -250,16 +250,16 @@ def score_rollouts(
 
 
 def _penalize_specials(q: np.ndarray, logps: np.ndarray, req: TeacherRequest,
-                       special: np.ndarray, penalty: float | None) -> int:
+                       special: np.ndarray, penalty: float | None) -> np.ndarray:
     """Targets that give special tokens sampled mid-response the advantage ``-penalty``, in
-    place; returns how many. Teacher-independent: no teacher writes such a token."""
+    place; returns where. Teacher-independent: no teacher writes such a token."""
     if penalty is None:
-        return 0
-    hit = special[req.student_response]
+        return np.zeros(len(q), dtype=bool)
+    hit = special[req.student_response]  # a copy (fancy indexing)
     if req.student_stop_index is not None:
         hit[req.student_stop_index] = False
     q[hit] = logps[hit] - penalty
-    return int(hit.sum())
+    return hit
 
 
 def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -> None:
@@ -357,6 +357,8 @@ def evaluate(
     credit_rule: str = "proportional",
     max_batch_tokens: int = 8192,
     samples: int = 3,
+    samples_per_prompt: int = 1,
+    answer_match: str = "auto",
 ) -> dict:
     """Reverse KL per byte (teacher vs student on fresh student samples; comparable across
     tokenizers), stop rate, accuracy when the data has answers, and the first ``samples``
@@ -364,20 +366,28 @@ def evaluate(
     and every evaluation sees the same sampling noise."""
     from crossopd.evals import answer_correct
 
-    one = dataclasses.replace(rollout, samples_per_prompt=1)
+    k = samples_per_prompt
+    each = dataclasses.replace(rollout, samples_per_prompt=k)
     # every device's generator: manual_seed below reseeds CUDA too
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        s = rollout_and_score(c, examples, one, credit_rule=credit_rule,
+        s = rollout_and_score(c, examples, each, credit_rule=credit_rule,
                               max_batch_tokens=max_batch_tokens)
     result = {k: v for k, v in s.stats.items() if not k.startswith(TIMING_PREFIX)}
     texts = [c.sv.concat_bytes(seq[a:b]).decode("utf-8", "replace")
              for seq, (a, b) in zip(s.sequences, s.spans)]
     answers = [e.answer for e in examples]
     if any(a is not None for a in answers):
-        scored = [(t, a) for t, a in zip(texts, answers) if a is not None]
-        result["accuracy"] = sum(answer_correct(t, a) for t, a in scored) / len(scored)
-    result["samples"] = [{"prompt": e.messages[-1]["content"], "response": t, "answer": e.answer}
-                         for e, t in zip(examples[:samples], texts)]
+        # per prompt (None: no answer; the mean over its k samples), so before/after can be
+        # compared prompt by prompt
+        result["correct"] = [
+            None if a is None else
+            float(np.mean([answer_correct(t, a, answer_match)
+                           for t in texts[i * k:(i + 1) * k]]))
+            for i, a in enumerate(answers)]
+        hits = [x for x in result["correct"] if x is not None]
+        result["accuracy"] = sum(hits) / len(hits)
+    result["samples"] = [{"prompt": e.messages[-1]["content"], "response": texts[i * k],
+                          "answer": e.answer} for i, e in enumerate(examples[:samples])]
     return result

@@ -26,7 +26,8 @@ def resolve_path(path: str) -> Path:
         name = path.split(":", 1)[1]
         p = Path(str(files("crossopd").joinpath("data", f"{name}.jsonl")))
         if not p.exists():
-            raise DataError(f"no bundled prompt set {name!r} (have: arith)")
+            have = ", ".join(sorted(q.stem for q in p.parent.glob("*.jsonl")))
+            raise DataError(f"no bundled prompt set {name!r} (have: {have})")
         return p
     return Path(path).expanduser()
 

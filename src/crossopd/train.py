@@ -17,6 +17,7 @@ from crossopd import checkpoint as ckpt
 from crossopd import rundir
 from crossopd.build import build_components, load_splits
 from crossopd.config import TrainConfig
+from crossopd.evals import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.opd import TIMING_PREFIX, Components, evaluate, rollout_and_score, update
 from crossopd.prompts import Example
@@ -66,8 +67,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     def run_eval(step: int) -> dict:
         status(f"evaluating at step {step} on {len(heldout)} held-out prompts ...")
-        r = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007, **step_args)
-        check_overflow({"sequences": len(heldout), "overflowed": r["overflowed_sequences"]},
+        r = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
+                     samples_per_prompt=cfg.eval_samples,
+                     answer_match=cfg.data.answer_match, **step_args)
+        check_overflow({"sequences": len(heldout) * cfg.eval_samples,
+                        "overflowed": r["overflowed_sequences"]},
                        f"evaluation at step {step}", cfg, bar_write)
         append_jsonl(eval_path, {"step": step, **r})
         return r
@@ -100,8 +104,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             check_overflow(scored.totals, f"step {step + 1}", cfg, bar_write)
             bar.set_postfix(kl=f"{row['kl_per_token']:.3f}", cov=f"{row['coverage']:.3f}",
                             loss=f"{row['loss']:.3f}")
-            if not progress:  # one line per step for logs
-                print(step_line(row, cfg.steps), flush=True)
+            if not progress:  # one line per step for logs (stderr: --json keeps stdout clean)
+                print(step_line(row, cfg.steps), file=sys.stderr, flush=True)
             done = step + 1
             if cfg.eval_prompts and cfg.eval_every and done % cfg.eval_every == 0 and \
                     done != cfg.steps:
@@ -126,8 +130,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     evals, rows = read_jsonl(eval_path), read_jsonl(metrics_path)
     return {
         "steps": cfg.steps,
-        "heldout_kl_before": evals[0]["kl_per_byte"] if evals else None,
-        "heldout_kl_after": evals[-1]["kl_per_byte"] if evals else None,
+        "heldout_kl_before": None, "heldout_kl_after": None,
+        **heldout_summary(evals),
         "final_eval": final_eval,
         "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
         "overflowed_sequences": sum(int(m["overflowed_sequences"]) for m in rows),
@@ -165,9 +169,18 @@ def step_line(row: dict, steps: int) -> str:
 def render_result(result: dict) -> str:
     """What ``crossopd train`` and ``crossopd demo`` print at the end of a run."""
     lines = []
-    before, after = result["heldout_kl_before"], result["heldout_kl_after"]
-    if before is not None:
-        lines.append(f"held-out reverse KL per byte: {before:.4f} -> {after:.4f}")
+    if result["heldout_kl_before"] is not None:
+        lines.append(f"{'held-out':<26} {'before':>8} {'after':>8}")
+        rows = [("reverse KL per byte", "heldout_kl"), ("stop rate", "heldout_stop_rate")]
+        if result.get("metric"):
+            rows.insert(1, (result["metric"], "heldout_metric"))
+        for label, key in rows:
+            line = f"{label:<26} {result[key + '_before']:>8.4f} {result[key + '_after']:>8.4f}"
+            if key == "heldout_metric" and "heldout_metric_change_se" in result:
+                change = result["heldout_metric_after"] - result["heldout_metric_before"]
+                se = result["heldout_metric_change_se"]
+                line += f"   change {change:+.3f} (paired SE {se:.3f})"
+            lines.append(line)
     if result.get("final_eval"):
         e = result["final_eval"]
         lines.append(f"alignment: coverage {e['coverage']:.4f}, 1:1 chunk share "

@@ -8,9 +8,16 @@ T_s on the student tokenizer as the same-tokenizer control, a weakly pretrained 
 arms trained on an equal budget of student tokens:
 
   untrained, sft (cross-entropy on T_x samples), opd_cross_{proportional,uniform,last} (OPD from
-  T_x through DPCA and each credit rule), opd_same (OPD from T_s, 1:1 chunks)
+  T_x through DPCA and each credit rule), opd_cross_chunk (our ablation: chunk-level REINFORCE),
+  opd_same (OPD from T_s, 1:1 chunks), uld (the ULD baseline on T_x samples)
 
-over several seeds. Teachers are trained once and cached on disk.
+over several seeds, paired by seed. The two teachers are matched in strength: each is trained
+until its accuracy on a validation split reaches the same target (T_s, the easier one to train,
+stops at T_x's level), so "cross vs same" compares tokenizers, not a weak teacher with a strong
+one. Teachers are trained once and cached on disk. Before training, a training-free diagnosis
+(``bench.oracle``) compares each credit rule with the exact teacher log-prob of every student
+token, and an identity control checks that a cross arm whose tokenizers agree is same-tokenizer
+OPD exactly.
 """
 
 from __future__ import annotations
@@ -27,8 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossopd.bench.learn_stats import (
+    bootstrap,
+    difference,
+    gain_ratio,
+    plot_curves,
+    save_runs,
+    tokens_to_reach,
+)
 from crossopd.bench.learn_task import (
     accuracy,
+    correct_answers,
     encode_pair,
     generate_texts,
     make_split,
@@ -37,6 +53,7 @@ from crossopd.bench.learn_task import (
     train_student_tokenizer,
     train_teacher_tokenizer,
 )
+from crossopd.bench.oracle import diagnose, identity_check
 from crossopd.config import RolloutConfig
 from crossopd.files import atomic_dir_write, cache_dir
 from crossopd.loss import LossConfig
@@ -44,8 +61,9 @@ from crossopd.opd import Components, rollout_and_score, update
 from crossopd.prompts import Example
 from crossopd.teachers.hf import HFTeacher
 
-ARMS = ("untrained", "sft", "opd_cross_proportional", "opd_cross_uniform", "opd_cross_last",
-        "opd_same")
+CROSS_RULES = ("proportional", "uniform", "last", "chunk")
+ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")
+MATCH_TOLERANCE = 0.02  # teachers' validation accuracies may differ by this much for a ratio
 
 
 # ------------------------------------------------------------------------------ presets
@@ -53,56 +71,76 @@ ARMS = ("untrained", "sft", "opd_cross_proportional", "opd_cross_uniform", "opd_
 class Preset:
     digits: int = 2
     n_train: int = 4000
-    n_test: int = 300
+    # teachers stop on the validation split, arms are scored on the test split: large, so the
+    # teachers' match on one carries to the other (greedy decoding of 1000 problems takes ~1 s)
+    n_val: int = 2000
+    n_test: int = 1000
     width: int = 64
     layers: int = 2
-    teacher_steps: int = 1500
+    teacher_target: float = 0.65  # validation accuracy at which a teacher stops training
+    teacher_steps: int = 3000  # at most
+    teacher_check_every: int = 25
     student_steps: int = 800
-    budget_tokens: int = 120_000  # student tokens each training arm may train on
+    budget_tokens: int = 80_000  # student tokens each training arm may train on
     opd_batch: int = 32
     opd_lr: float = 1e-4  # 1e-3 collapsed OPD (same and cross) in calibration runs
     sft_lr: float = 1e-3
     evals: int = 4  # accuracy checkpoints along each arm
-    seeds: int = 3
+    seeds: int = 5
     max_new_tokens: int = 24
-    uld: bool = False  # the ULD baseline arm (full preset)
+    diagnosis_rollouts: int = 64
 
 
 PRESETS = {
-    "tiny": Preset(n_train=300, n_test=20, width=32, layers=1, teacher_steps=30,
-                   student_steps=10, budget_tokens=600, opd_batch=8, evals=2, seeds=2,
-                   uld=True),
+    "tiny": Preset(n_train=300, n_val=20, n_test=20, width=32, layers=1, teacher_target=0.0,
+                   teacher_steps=30, teacher_check_every=10, student_steps=10,
+                   budget_tokens=600, opd_batch=8, evals=2, seeds=2, diagnosis_rollouts=8),
     "quick": Preset(),
-    "full": Preset(n_train=20_000, n_test=500, width=96, layers=3, teacher_steps=6000,
-                   student_steps=1200, budget_tokens=400_000, evals=8, seeds=5, uld=True),
+    "full": Preset(n_train=20_000, width=96, layers=3,
+                   teacher_target=0.8, teacher_steps=8000, student_steps=1200,
+                   budget_tokens=400_000, evals=8, seeds=8),
 }
 
 
+def splits(preset: Preset) -> tuple[list, list, list]:
+    """(train, validation, test) problems, disjoint."""
+    train = make_split(preset.n_train, 1, digits=preset.digits)
+    seen = {p for p, _, _ in train}
+    test = make_split(preset.n_test, 2, exclude=seen, digits=preset.digits)
+    val = make_split(preset.n_val, 3, exclude=seen | {p for p, _, _ in test},
+                     digits=preset.digits)
+    return train, val, test
+
+
 def _teachers(preset: Preset, root: Path, progress) -> dict[str, Any]:
-    """Tokenizers, T_x and T_s (trained once, cached on disk) and the weakly pretrained student
-    (cached per ``student_steps``)."""
+    """Tokenizers, T_x and T_s (matched in validation accuracy; trained once, cached on disk) and
+    the weakly pretrained student (cached per ``student_steps``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def key(*extra: str) -> str:
         fields = {k: v for k, v in asdict(preset).items()
-                  if k in ("digits", "n_train", "width", "layers", "teacher_steps", *extra)}
+                  if k in ("digits", "n_train", "n_val", "n_test", "width", "layers",
+                           "teacher_target", "teacher_steps", "teacher_check_every", *extra)}
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
-    train = make_split(preset.n_train, 1, digits=preset.digits)
+    train, val, _ = splits(preset)
     # bump the v-prefix when model or tokenizer code changes
-    teachers = root / f"v3-{key()}"
+    teachers = root / f"v4-{key()}"
     if not (teachers / "done").exists():
         def build(tmp: Path) -> None:
             corpus = [p + s for p, s, _ in train]
             toks = {"teacher": train_teacher_tokenizer(corpus),
                     "student": train_student_tokenizer(corpus)}
-            for name, tk, seed in (("teacher_x", "teacher", 11), ("teacher_s", "student", 12)):
-                _pretrain(tmp / name, toks[tk], train, preset, preset.teacher_steps, seed,
-                          progress, name)
+            # T_x first (digit runs merged: the harder one to train); T_s stops at its level
+            level = _pretrain(tmp / "teacher_x", toks["teacher"], train, preset,
+                              preset.teacher_steps, 11, progress, "teacher_x",
+                              stop_at=preset.teacher_target, val=val)
+            _pretrain(tmp / "teacher_s", toks["student"], train, preset, preset.teacher_steps,
+                      12, progress, "teacher_s", stop_at=level, val=val)
             (tmp / "done").write_text("ok")
 
         atomic_dir_write(teachers, build)
-    student = root / f"v3-{key('student_steps')}-student{preset.student_steps}"
+    student = root / f"v4-{key('student_steps')}-student{preset.student_steps}"
     if not (student / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(teachers / "teacher_s")
         atomic_dir_write(student, lambda tmp: _pretrain(
@@ -112,22 +150,61 @@ def _teachers(preset: Preset, root: Path, progress) -> dict[str, Any]:
                                                                 "teacher_s"), ("student", student)):
         out[name] = (AutoModelForCausalLM.from_pretrained(path).eval(),
                      AutoTokenizer.from_pretrained(path))
+    out["training"] = {name: json.loads((teachers / name / "trained.json").read_text())
+                       for name in ("teacher_x", "teacher_s")}
     return out
 
 
 def _pretrain(out: Path, tok: Any, train, preset: Preset, steps: int, seed: int,
-              progress, label: str) -> None:
+              progress, label: str, stop_at: float | None = None, val=None) -> float:
+    """Supervised pretraining; with ``stop_at``, stops at the first check where the validation
+    accuracy reaches it and keeps that model or the previous check's, whichever is closer to
+    ``stop_at``. Returns the kept model's validation accuracy (NaN without ``val``)."""
     t0 = time.perf_counter()
     model = new_model(len(tok), seed, preset.width, preset.layers)
     pairs = [encode_pair(tok, p, s) for p, s, _ in train]
-    supervised_train(model, pairs, steps, 3e-3, 64, seed)
+    seen: dict[str, float] = {"steps": steps, "val_acc": float("nan")}
+    before: dict[str, Any] = {}  # the previous check: it may be closer to the target
+
+    def reached(step: int) -> bool:
+        acc = accuracy(model, tok, val, preset.max_new_tokens)
+        if acc < stop_at:
+            before.update(state=copy.deepcopy(model.state_dict()), steps=step, val_acc=acc)
+            return False
+        if before and stop_at - before["val_acc"] < acc - stop_at:
+            model.load_state_dict(before.pop("state"))
+            seen.update(before)
+        else:
+            seen.update(steps=step, val_acc=acc)
+        return True
+
+    supervised_train(model, pairs, steps, 3e-3, 64, seed,
+                     stop=reached if stop_at is not None else None,
+                     check_every=preset.teacher_check_every)
+    if val is not None and seen["steps"] == steps:  # ran to the end: measure once more
+        seen["val_acc"] = accuracy(model, tok, val, preset.max_new_tokens)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    progress(f"pretrained {label} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+    (out / "trained.json").write_text(json.dumps(seen))
+    progress(f"pretrained {label} ({seen['steps']} steps, validation accuracy "
+             f"{seen['val_acc']:.3f}, {time.perf_counter() - t0:.0f} s)")
+    return seen["val_acc"]
 
 
 def _curve_points(preset: Preset) -> list[int]:
     return [round(preset.budget_tokens * (k + 1) / preset.evals) for k in range(preset.evals)]
+
+
+def _checkpoint(curve: list, tokens: int, student: Any, tok: Any, test_set,
+                preset: Preset) -> np.ndarray:
+    """Scores the student on the test split, adds the point to ``curve``, returns the per-problem
+    answers (the last checkpoint's feed the bootstrap)."""
+    was_training = student.training
+    student.eval()
+    correct = correct_answers(student, tok, test_set, preset.max_new_tokens)
+    student.train(was_training)
+    curve.append((tokens, float(correct.mean())))
+    return correct
 
 
 def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int,
@@ -150,9 +227,9 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int
         tokens += int(scored.stats["response_tokens"])
         shares.append(scored.stats["one_to_one_share"])
         while points and tokens >= points[0]:
-            curve.append((tokens, accuracy(student, s_tok, test_set, preset.max_new_tokens)))
+            correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
             points.pop(0)
-    return {"acc": curve[-1][1], "tokens": tokens, "curve": curve,
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
             "one_to_one_share": float(np.mean(shares))}
 
 
@@ -181,8 +258,8 @@ def run_sft(models: dict, preset: Preset, seed: int, train_set, test_set) -> dic
     for point in _curve_points(preset):
         steps = max(1, round((point - tokens) / (per_step * avg)))
         tokens += supervised_train(student, pairs, steps, preset.sft_lr, per_step, seed + tokens)
-        curve.append((tokens, accuracy(student, s_tok, test_set, preset.max_new_tokens)))
-    return {"acc": curve[-1][1], "tokens": tokens, "curve": curve}
+        correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
 
 
 def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
@@ -224,44 +301,60 @@ def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         while points and tokens >= points[0]:
-            student.eval()
-            curve.append((tokens, accuracy(student, s_tok, test_set, preset.max_new_tokens)))
-            student.train()
+            correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
             points.pop(0)
     student.eval()
-    return {"acc": curve[-1][1], "tokens": tokens, "curve": curve}
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
                 progress=print) -> dict:
     preset = PRESETS[preset_name]
     t_start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     models = _teachers(preset, cache_dir() / "bench_learn", progress)
-    train_set = make_split(preset.n_train, 1, digits=preset.digits)
-    test_set = make_split(preset.n_test, 2, exclude={p for p, _, _ in train_set},
-                          digits=preset.digits)
-    teacher_acc = {k: accuracy(models[k][0], models[k][1], test_set, preset.max_new_tokens)
+    train_set, _, test_set = splits(preset)
+    teacher_acc = {k: accuracy(*models[k], test_set, preset.max_new_tokens)
                    for k in ("teacher_x", "teacher_s")}
-    progress(f"teachers: T_x {teacher_acc['teacher_x']:.3f}, T_s {teacher_acc['teacher_s']:.3f}")
-    runs: dict[str, list[dict]] = {a: [] for a in ARMS + (("uld",) if preset.uld else ())}
-    base = accuracy(models["student"][0], models["student"][1], test_set, preset.max_new_tokens)
+    val_acc = {k: v["val_acc"] for k, v in models["training"].items()}
+    progress(f"teachers (validation / test): T_x {val_acc['teacher_x']:.3f} / "
+             f"{teacher_acc['teacher_x']:.3f}, T_s {val_acc['teacher_s']:.3f} / "
+             f"{teacher_acc['teacher_s']:.3f}")
+    t0 = time.perf_counter()
+    diagnosis = diagnose(models, preset, preset.diagnosis_rollouts, seed=0)
+    identity = identity_check(models, preset, seed=0)
+    progress(f"oracle diagnosis and identity control ({time.perf_counter() - t0:.0f} s): "
+             f"identity exact={identity['exact']}")
+    runs: dict[str, list[dict]] = {a: [] for a in ARMS}
+    base = correct_answers(*models["student"], test_set, preset.max_new_tokens)
     for seed in range(preset.seeds):
-        runs["untrained"].append({"acc": base, "tokens": 0, "curve": [(0, base)]})
+        runs["untrained"].append({"acc": float(base.mean()), "correct": base, "tokens": 0,
+                                  "curve": [(0, float(base.mean()))]})
         runs["sft"].append(run_sft(models, preset, seed, train_set, test_set))
-        for rule in ("proportional", "uniform", "last"):
+        for rule in CROSS_RULES:
             runs[f"opd_cross_{rule}"].append(
                 run_opd(models, "teacher_x", rule, preset, seed, train_set, test_set))
         runs["opd_same"].append(
             run_opd(models, "teacher_s", "proportional", preset, seed, train_set, test_set))
-        if preset.uld:
-            runs["uld"].append(run_uld(models, preset, seed, train_set, test_set))
+        runs["uld"].append(run_uld(models, preset, seed, train_set, test_set))
         progress(f"seed {seed}: " + ", ".join(f"{a} {r[-1]['acc']:.3f}" for a, r in runs.items()))
-    return _summarise(runs, preset, preset_name, teacher_acc, out_dir, t_start)
+    # matched on the split they were matched on (held out from training, twice the test
+    # split's size); the test split's difference is reported beside it
+    teachers = {**teacher_acc, "validation": val_acc, "training": models["training"],
+                "difference": abs(val_acc["teacher_x"] - val_acc["teacher_s"]),
+                "test_difference": abs(teacher_acc["teacher_x"] - teacher_acc["teacher_s"])}
+    teachers["matched"] = teachers["difference"] <= MATCH_TOLERANCE
+    save_runs(runs, Path(out_dir) / "runs.json")
+    result = summarise(runs, teachers, out_dir)
+    result.update(preset=preset_name, settings=asdict(preset), diagnosis=diagnosis,
+                  identity=identity, seconds=time.perf_counter() - t_start)
+    (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
-def _summarise(runs: dict, preset: Preset, name: str, teacher_acc: dict, out_dir, t_start):
-    arms = {}
+def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) -> dict:
+    """Per-arm accuracy, the gain ratios and differences with paired bootstrap intervals, tokens
+    to reach SFT's final accuracy, and the plot."""
+    arms: dict[str, dict] = {}
     for arm, rs in runs.items():
         accs = [r["acc"] for r in rs]
         arms[arm] = {"acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
@@ -269,74 +362,37 @@ def _summarise(runs: dict, preset: Preset, name: str, teacher_acc: dict, out_dir
                      "student_tokens": int(np.mean([r["tokens"] for r in rs]))}
         if "one_to_one_share" in rs[0]:
             arms[arm]["one_to_one_share"] = float(np.mean([r["one_to_one_share"] for r in rs]))
-    sft_final = arms["sft"]["acc_mean"]
-    for arm in ("opd_cross_proportional", "opd_cross_uniform", "opd_cross_last", "opd_same"):
-        # mean curve over seeds at the shared checkpoints
-        curves = np.array([[acc for _, acc in r["curve"]] for r in runs[arm]])
-        toks = np.array([[t for t, _ in r["curve"]] for r in runs[arm]]).mean(axis=0)
-        mean = curves.mean(axis=0)
-        hit = np.flatnonzero(mean >= sft_final)
+    sft_final, untrained = arms["sft"]["acc_mean"], arms["untrained"]["acc_mean"]
+    for arm in [a for a in runs if a.startswith("opd_")]:
         # only meaningful when SFT itself improved on the untrained student
-        useful = sft_final > arms["untrained"]["acc_mean"]
-        need = int(toks[hit[0]]) if hit.size and useful else None
+        need = tokens_to_reach(runs[arm], sft_final) if sft_final > untrained else None
         arms[arm]["tokens_to_sft_final"] = need
         arms[arm]["tokens_to_sft_final_ratio"] = (
             need / arms["sft"]["student_tokens"] if need is not None else None)
-    u = arms["untrained"]["acc_mean"]
-    cross_gain = arms["opd_cross_proportional"]["acc_mean"] - u
-    same_gain = arms["opd_same"]["acc_mean"] - u
+    correct = {arm: np.stack([r["correct"] for r in rs]).astype(float)
+               for arm, rs in runs.items()}
+    ratios = {rule: bootstrap(correct, gain_ratio(f"opd_cross_{rule}", "opd_same", "untrained"))
+              for rule in CROSS_RULES}
+    ratio = dict(ratios["proportional"])
+    if not teachers["matched"]:
+        ratio["refused"] = (f"teachers differ by {teachers['difference']:.3f} on the validation "
+                            f"split (more than {MATCH_TOLERANCE}): the ratio would compare "
+                            "teachers")
+        ratio["value"] = ratio["ci_low"] = ratio["ci_high"] = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "learn_curve.png"
-    _plot(runs, plot)
-    result = {
-        "preset": name,
-        "settings": asdict(preset),
-        "teachers": teacher_acc,
+    plot_curves(runs, plot)
+    return {
+        "teachers": teachers,
         "arms": arms,
         "one_to_one_share": arms["opd_cross_proportional"].get("one_to_one_share"),
-        "cross_same_gain_ratio": cross_gain / same_gain if abs(same_gain) > 1e-9 else None,
+        "ratio_cross_same": ratio,
+        "cross_same_gain_ratio": ratio["value"],  # the v1 key
+        "ratios": ratios,
+        "cross_minus_sft": bootstrap(correct, difference("opd_cross_proportional", "sft")),
+        "same_minus_sft": bootstrap(correct, difference("opd_same", "sft")),
+        "recovery_from_sft": bootstrap(correct, gain_ratio("opd_cross_proportional",
+                                                           "opd_same", "sft")),
         "plot": str(plot),
-        "seconds": time.perf_counter() - t_start,
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def _plot(runs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
-    for arm, rs in runs.items():
-        if arm == "untrained":
-            ax.axhline(rs[0]["acc"], color="gray", linestyle=":", label="untrained")
-            continue
-        toks = np.array([[t for t, _ in r["curve"]] for r in rs]).mean(axis=0)
-        accs = np.array([[a for _, a in r["curve"]] for r in rs])
-        ax.errorbar(toks, accs.mean(axis=0), yerr=accs.std(axis=0), marker="o", markersize=3,
-                    capsize=2, label=arm)
-    ax.set_xlabel("student tokens trained on")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def render_learn_table(r: dict) -> str:
-    lines = [f"preset {r['preset']}: teachers T_x {r['teachers']['teacher_x']:.3f}, "
-             f"T_s {r['teachers']['teacher_s']:.3f}; 1:1 chunk share (cross) "
-             f"{r['one_to_one_share']:.3f}",
-             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
-    for arm, a in r["arms"].items():
-        need = a.get("tokens_to_sft_final")
-        lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
-                     f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
-    ratio = r["cross_same_gain_ratio"]
-    lines.append(f"cross/same gain ratio: {'n/a' if ratio is None else f'{ratio:.2f}'}; "
-                 f"plot: {r['plot']}; {r['seconds']:.0f} s")
-    return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -107,14 +108,22 @@ def encode_pair(tok: Any, prompt: str, response: str) -> tuple[list[int], list[i
 
 
 def supervised_train(model: Any, pairs: list[tuple[list[int], list[int]]], steps: int,
-                     lr: float, batch: int, seed: int) -> int:
-    """Cross-entropy on response tokens (prompt masked). Returns response tokens trained on."""
+                     lr: float, batch: int, seed: int,
+                     stop: Callable[[int], bool] | None = None, check_every: int = 50) -> int:
+    """Cross-entropy on response tokens (prompt masked). Returns response tokens trained on.
+    ``stop(step)``, asked every ``check_every`` steps with the model in eval mode, ends training
+    early when it returns True (a teacher trained to a target accuracy)."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     seen = 0
-    for _ in range(steps):
+    for step in range(steps):
+        if stop is not None and step and step % check_every == 0:
+            model.eval()
+            if stop(step):
+                break
+            model.train()
         idx = rng.integers(0, len(pairs), size=batch)
         seqs = [pairs[i][0] + pairs[i][1] for i in idx]
         width = max(map(len, seqs))
@@ -157,8 +166,13 @@ def generate_texts(model: Any, tok: Any, prompts: list[str], max_new_tokens: int
     return texts
 
 
+def correct_answers(model: Any, tok: Any, problems: list[tuple[str, str, int]],
+                    max_new_tokens: int = 24) -> np.ndarray:
+    """Greedy decoding, exact answer check: one bool per problem."""
+    texts = generate_texts(model, tok, [p[0] for p in problems], max_new_tokens, sample=False)
+    return np.array([check_answer(t, p[2]) for t, p in zip(texts, problems)])
+
+
 def accuracy(model: Any, tok: Any, problems: list[tuple[str, str, int]],
              max_new_tokens: int = 24) -> float:
-    """Greedy decoding, exact answer check."""
-    texts = generate_texts(model, tok, [p[0] for p in problems], max_new_tokens, sample=False)
-    return sum(check_answer(t, p[2]) for t, p in zip(texts, problems)) / len(problems)
+    return float(correct_answers(model, tok, problems, max_new_tokens).mean())

@@ -27,6 +27,7 @@ import torch
 from crossopd import rundir
 from crossopd.build import build_components, load_splits
 from crossopd.config import ConfigError, TrainConfig
+from crossopd.evals import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.loss import advantages
 from crossopd.opd import Components, StepStats, add_timings, evaluate, score_rollouts
@@ -265,7 +266,9 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         student.eval()
         r = evaluate(replace(c, student=student), heldout, cfg.rollout,
                      seed=cfg.seed + 10_007, credit_rule=cfg.credit_rule,
-                     max_batch_tokens=cfg.max_batch_tokens)
+                     max_batch_tokens=cfg.max_batch_tokens,
+                     samples_per_prompt=cfg.eval_samples,
+                     answer_match=cfg.data.answer_match)
         student.train(was_training)
         if main:
             append_jsonl(eval_path, {"step": step, **r})
@@ -286,8 +289,8 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         "engine": "trl",
         "steps": cfg.steps,
         "world_size": trainer.accelerator.num_processes,
-        "heldout_kl_before": evals[0]["kl_per_byte"] if evals else None,
-        "heldout_kl_after": evals[-1]["kl_per_byte"] if evals else None,
+        "heldout_kl_before": None, "heldout_kl_after": None,
+        **heldout_summary(evals),
         "final_eval": final_eval,
         "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
         "report": str(report) if report else None,

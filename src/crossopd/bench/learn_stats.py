@@ -1,0 +1,120 @@
+"""Statistics, table and plot for ``crossopd bench learn``: per-arm accuracy over seeds, paired
+bootstrap intervals for the gain ratios and for cross minus SFT, accuracy against tokens.
+
+The bootstrap resamples seeds and test problems together (the arms share both: seed k of every
+arm starts from the same student and is scored on the same problems), so an interval covers the
+seed-to-seed spread and the evaluation noise of a finite test set."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+RESAMPLES = 4000
+
+
+def bootstrap(correct: dict[str, np.ndarray], stat: Callable[[dict[str, np.ndarray]], float],
+              seed: int = 0) -> dict:
+    """``correct[arm]``: a (seeds, problems) 0/1 array of final answers. Returns the statistic
+    on the data and its 95% percentile interval; resamples where the statistic is undefined (a
+    ratio whose denominator is not positive) are dropped and counted."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_probs = next(iter(correct.values())).shape
+    value = stat({k: v.mean(axis=1) for k, v in correct.items()})
+    draws = np.empty(RESAMPLES)
+    for b in range(RESAMPLES):
+        s = rng.integers(0, n_seeds, n_seeds)
+        p = rng.integers(0, n_probs, n_probs)
+        draws[b] = stat({k: v[np.ix_(s, p)].mean(axis=1) for k, v in correct.items()})
+    ok = np.isfinite(draws)
+    lo, hi = (np.percentile(draws[ok], [2.5, 97.5]) if ok.any() else (np.nan, np.nan))
+    return {"value": _num(value), "ci_low": _num(lo), "ci_high": _num(hi),
+            "undefined_resamples": int((~ok).sum())}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def gain_ratio(arm: str, ref: str, base: str) -> Callable[[dict[str, np.ndarray]], float]:
+    """(arm - base) / (ref - base) on seed-mean accuracies; NaN unless ref gained on base."""
+    def stat(acc: dict[str, np.ndarray]) -> float:
+        den = acc[ref].mean() - acc[base].mean()
+        return (acc[arm].mean() - acc[base].mean()) / den if den > 0 else np.nan
+    return stat
+
+
+def difference(arm: str, ref: str) -> Callable[[dict[str, np.ndarray]], float]:
+    return lambda acc: float(acc[arm].mean() - acc[ref].mean())
+
+
+def tokens_to_reach(runs: list[dict], level: float) -> int | None:
+    """Student tokens at the first checkpoint where the seed-mean curve reaches ``level``."""
+    curves = np.array([[acc for _, acc in r["curve"]] for r in runs])
+    toks = np.array([[t for t, _ in r["curve"]] for r in runs]).mean(axis=0)
+    hit = np.flatnonzero(curves.mean(axis=0) >= level)
+    return int(toks[hit[0]]) if hit.size else None
+
+
+def save_runs(runs: dict[str, list[dict]], path: Path) -> None:
+    """Every arm's per-seed curve and final answers, so the statistics can be re-derived."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({arm: [{**r, "correct": np.asarray(r["correct"]).astype(int)
+                                       .tolist()} for r in rs] for arm, rs in runs.items()}))
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
+    for arm, rs in runs.items():
+        if arm == "untrained":
+            ax.axhline(rs[0]["acc"], color="gray", linestyle=":", label="untrained")
+            continue
+        toks = np.array([[t for t, _ in r["curve"]] for r in rs]).mean(axis=0)
+        accs = np.array([[a for _, a in r["curve"]] for r in rs])
+        ax.errorbar(toks, accs.mean(axis=0), yerr=accs.std(axis=0), marker="o", markersize=3,
+                    capsize=2, label=arm)
+    ax.set_xlabel("student tokens trained on")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _interval(d: dict | None) -> str:
+    if not d or d.get("value") is None:
+        return "n/a"
+    lo, hi = d["ci_low"], d["ci_high"]
+    ci = "" if lo is None else f" [95% CI {lo:.2f}, {hi:.2f}]"
+    return f"{d['value']:.3f}{ci}"
+
+
+def render_learn_table(r: dict) -> str:
+    t = r["teachers"]
+    v = t.get("validation", t)
+    lines = [f"preset {r['preset']}: teachers (validation / test) T_x {v['teacher_x']:.3f} / "
+             f"{t['teacher_x']:.3f}, T_s {v['teacher_s']:.3f} / {t['teacher_s']:.3f} "
+             f"({'matched' if t['matched'] else 'NOT matched'}); 1:1 chunk share (cross) "
+             f"{r['one_to_one_share']:.3f}",
+             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
+    for arm, a in r["arms"].items():
+        need = a.get("tokens_to_sft_final")
+        lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
+                     f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
+    ratio = r["ratio_cross_same"]
+    lines.append("cross/same gain ratio: " + (ratio.get("refused") or _interval(ratio)))
+    for rule, d in r.get("ratios", {}).items():
+        lines.append(f"  {rule}: {_interval(d)}")
+    lines.append(f"cross minus SFT: {_interval(r['cross_minus_sft'])}; recovery from SFT "
+                 f"((cross - SFT) / (same - SFT)): {_interval(r['recovery_from_sft'])}")
+    lines.append(f"plot: {r['plot']}; {r['seconds']:.0f} s")
+    return "\n".join(lines)
