@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
+from test_credit import alignments  # the same random alignments as the other rules' tests
 
 from crossopd import assign_credit
 from crossopd.align import align_lengths
@@ -15,31 +15,6 @@ from crossopd.config import ConfigError, TrainConfig, validate
 from crossopd.credit import ABLATION_RULES, ALL_RULES, RULES
 
 pytestmark = pytest.mark.core
-
-
-@st.composite
-def alignments(draw):
-    """Random tokenizations of a random byte string; sometimes the teacher's bytes differ (so
-    some tokens are unaligned) and sometimes both sides cut identically (all chunks 1:1)."""
-    total = draw(st.integers(0, 40))
-    data = bytes(draw(st.lists(st.integers(97, 99), min_size=total, max_size=total)))
-
-    def cuts():
-        c = sorted(set(draw(st.lists(st.integers(1, max(total - 1, 1)), max_size=total))))
-        c = [x for x in c if 0 < x < total]
-        return np.diff([0, *c, total]).astype(np.int64) if total else np.zeros(0, np.int64)
-
-    s_len = cuts()
-    t_len = s_len.copy() if draw(st.booleans()) else cuts()
-    t_data = data
-    if draw(st.booleans()) and total:
-        k = draw(st.integers(0, total - 1))
-        t_data = data[:k] + b"Z" + data[k + 1:]
-    a = align_lengths(s_len, t_len, data, t_data)
-    lp = st.floats(0, 8, allow_subnormal=False)
-    s_lp = -np.asarray(draw(st.lists(lp, min_size=s_len.size, max_size=s_len.size)), np.float64)
-    t_lp = -np.asarray(draw(st.lists(lp, min_size=t_len.size, max_size=t_len.size)), np.float64)
-    return a, s_lp, t_lp
 
 
 def chunk_log_ratio(a, t_lp, s_lp) -> np.ndarray:
