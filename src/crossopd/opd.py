@@ -360,8 +360,9 @@ def evaluate(
     samples_per_prompt: int = 1,
     answer_match: str = "auto",
 ) -> dict:
-    """Reverse KL per byte (teacher vs student on fresh student samples; comparable across
-    tokenizers), stop rate, accuracy when the data has answers, and the first ``samples``
+    """Reverse KL per byte (teacher vs student on fresh student samples, ``samples_per_prompt``
+    each; comparable across tokenizers), stop rate, accuracy when the data has answers (checked
+    by ``answer_match``, ``evals.answer_correct``), and the first ``samples``
     prompts with their responses. Uses its own RNG stream so training randomness is untouched
     and every evaluation sees the same sampling noise."""
     from crossopd.evals import answer_correct
@@ -374,7 +375,7 @@ def evaluate(
         torch.manual_seed(seed)
         s = rollout_and_score(c, examples, each, credit_rule=credit_rule,
                               max_batch_tokens=max_batch_tokens)
-    result = {k: v for k, v in s.stats.items() if not k.startswith(TIMING_PREFIX)}
+    result = {key: v for key, v in s.stats.items() if not key.startswith(TIMING_PREFIX)}
     texts = [c.sv.concat_bytes(seq[a:b]).decode("utf-8", "replace")
              for seq, (a, b) in zip(s.sequences, s.spans)]
     answers = [e.answer for e in examples]
