@@ -1,9 +1,9 @@
 """The SFT baseline for `crossopd demo`: the same student, teacher, prompts and held-out
 evaluation, but the student is trained with cross-entropy on the teacher's own sampled answers
 (the teacher sees the same teacher-only context), for as many student tokens as an OPD run used.
+The teacher must be an in-process one (``teacher.model``): it generates the answers.
 
-    python scripts/demo_sft.py runs/demo            # after `crossopd demo` (reads its run)
-    python scripts/demo_sft.py runs/demo seed=1     # config overrides as in `crossopd demo`
+    python scripts/demo_sft.py runs/demo     # after `crossopd demo`: its config and budget
 
 Prints one JSON object: the OPD run's before/after next to SFT's after (same evaluation seed).
 Built on the step library (build, opd.evaluate), not on the recipe loop.
@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from crossopd.build import build_components, load_splits
-from crossopd.cli import demo_config_path
 from crossopd.config import load_config
 from crossopd.evals import heldout_summary
 from crossopd.files import read_jsonl
@@ -51,7 +50,7 @@ def teacher_answers(c, examples, cfg) -> list[list[int]]:
 def main(run_dir: str, overrides: list[str]) -> dict:
     quiet_hf()
     run = Path(run_dir)
-    cfg = load_config(demo_config_path(), [*overrides, f"output_dir={run}"])
+    cfg = load_config(run / "config.json", overrides)  # the OPD run's own settings
     budget = sum(int(m["response_tokens"]) for m in read_jsonl(run / "metrics.jsonl"))
     c = build_components(cfg)
     train, heldout = load_splits(cfg)
@@ -76,7 +75,7 @@ def main(run_dir: str, overrides: list[str]) -> dict:
         tokens, steps = tokens + n, steps + 1
     c.student.eval()
     after = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
-                     samples_per_prompt=cfg.eval_samples, answer_match=cfg.data.answer_match)
+                     samples_per_prompt=cfg.eval_samples)
     evals = read_jsonl(run / "eval.jsonl")
     opd = heldout_summary(evals)
     sft = heldout_summary([evals[0], after])

@@ -15,7 +15,6 @@ import yaml
 
 from crossopd import bundled
 from crossopd.credit import ALL_RULES
-from crossopd.evals import ANSWER_MATCHES
 from crossopd.loss import LossConfig
 
 
@@ -68,9 +67,6 @@ class DataConfig:
     heldout_path: str | None = None  # default: the last `heldout_size` rows of `path`
     heldout_size: int = 16
     answer_column: str = "answer"
-    # auto: numbers via math-verify, text as whole words of the first sentence (case and
-    # accents folded); exact: the whole response is the answer, case and all
-    answer_match: str = "auto"
 
 
 @dataclass
@@ -302,9 +298,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.credit_rule not in ALL_RULES:
         raise ConfigError(
             f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(ALL_RULES)}")
-    if cfg.data.answer_match not in ANSWER_MATCHES:
-        raise ConfigError(f"data.answer_match {cfg.data.answer_match!r}: choose one of "
-                          f"{', '.join(ANSWER_MATCHES)}")
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
                             ("update_epochs", cfg.update_epochs, 1),
                             ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),

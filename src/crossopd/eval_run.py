@@ -38,8 +38,7 @@ def eval_student(cfg: TrainConfig, samples: int = 3) -> dict:
     c = build_components(cfg)
     result = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
                       credit_rule=cfg.credit_rule, max_batch_tokens=cfg.max_batch_tokens,
-                      samples=samples, samples_per_prompt=cfg.eval_samples,
-                      answer_match=cfg.data.answer_match)
+                      samples=samples, samples_per_prompt=cfg.eval_samples)
     return {"student": cfg.student.model, "prompts": len(heldout), **result}
 
 

@@ -1,8 +1,7 @@
 """Answer checking for evaluation. A numeric answer goes through ``math-verify`` when installed,
 with an exact last-number comparison as the fallback. A text answer (no digits, e.g. a capital
 city) must appear as whole words in the response's first sentence, compared without case or
-accents, so a response that lists every city it knows does not count. ``data.answer_match:
-exact`` asks instead for the whole response to be the answer, case and all."""
+accents, so a response that lists every city it knows does not count."""
 
 from __future__ import annotations
 
@@ -35,21 +34,9 @@ def text_answer_correct(response: str, answer: str) -> bool:
     return re.search(rf"(?<!\w){words}(?!\w)", fold(first_sentence(response))) is not None
 
 
-def exact_answer_correct(response: str, answer: str) -> bool:
-    """The whole response is the answer, case and all (surrounding spaces and one final period
-    aside): for tasks whose answer is a form, like a word in capital letters."""
-    text = response.strip()
-    return (text[:-1].rstrip() if text.endswith(".") else text) == answer.strip()
-
-
-ANSWER_MATCHES = ("auto", "exact")
-
-
-def answer_correct(response: str, answer: str, match: str = "auto") -> bool:
-    """``match="auto"``: a number through math-verify (or the last number), a text answer as
-    whole words of the first sentence; ``"exact"``: :func:`exact_answer_correct`."""
-    if match == "exact":
-        return exact_answer_correct(response, answer)
+def answer_correct(response: str, answer: str) -> bool:
+    """A number through math-verify (or the last number), a text answer as whole words of the
+    first sentence."""
     if not any(ch.isdigit() for ch in answer):
         return text_answer_correct(response, answer)
     try:

@@ -182,6 +182,22 @@ def sample_rollouts(
     return exs, prompts, responses
 
 
+def teacher_requests(c: Components, examples: Sequence[Example],
+                     responses: Sequence[np.ndarray]) -> list[TeacherRequest]:
+    """Each response bridged into the teacher's prompt format and vocabulary."""
+    return [build_teacher_request(e.messages, r, c.student_fmt, c.teacher_fmt, c.sv, c.tv,
+                                  context=c.context, reference=e.reference)
+            for e, r in zip(examples, responses)]
+
+
+def score_requests(c: Components, reqs: Sequence[TeacherRequest]) -> dict[int, np.ndarray]:
+    """Teacher log-probs by request index; an overflowed or empty request gets none."""
+    live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
+    t_logps = c.teacher.score([reqs[i].teacher_ids for i in live],
+                              [reqs[i].scored_span for i in live]) if live else []
+    return dict(zip(live, t_logps))
+
+
 def score_rollouts(
     c: Components,
     examples: Sequence[Example],
@@ -202,17 +218,10 @@ def score_rollouts(
     tokens sampled mid-response (``None``: they get no signal)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    reqs: list[TeacherRequest] = [
-        build_teacher_request(e.messages, r, c.student_fmt, c.teacher_fmt, c.sv, c.tv,
-                              context=c.context, reference=e.reference)
-        for e, r in zip(examples, responses)
-    ]
+    reqs = teacher_requests(c, examples, responses)
     times["bridge"] = time.perf_counter() - t0  # teacher prompts + teacher tokenization
     t0 = time.perf_counter()
-    live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
-    t_logps = c.teacher.score([reqs[i].teacher_ids for i in live],
-                              [reqs[i].scored_span for i in live]) if live else []
-    teacher_lp = dict(zip(live, t_logps))
+    teacher_lp = score_requests(c, reqs)
     times["teacher"] = time.perf_counter() - t0
 
     sequences = [list(p) + np.asarray(r).tolist() for p, r in zip(prompts, responses)]
@@ -358,13 +367,12 @@ def evaluate(
     max_batch_tokens: int = 8192,
     samples: int = 3,
     samples_per_prompt: int = 1,
-    answer_match: str = "auto",
 ) -> dict:
     """Reverse KL per byte (teacher vs student on fresh student samples, ``samples_per_prompt``
-    each; comparable across tokenizers), stop rate, accuracy when the data has answers (checked
-    by ``answer_match``, ``evals.answer_correct``), and the first ``samples``
-    prompts with their responses. Uses its own RNG stream so training randomness is untouched
-    and every evaluation sees the same sampling noise."""
+    each; comparable across tokenizers), stop rate, accuracy when the data has answers
+    (``evals.answer_correct``), and the first ``samples`` prompts with their responses. Uses
+    its own RNG stream so training randomness is untouched and every evaluation sees the same
+    sampling noise."""
     from crossopd.evals import answer_correct
 
     k = samples_per_prompt
@@ -380,12 +388,10 @@ def evaluate(
              for seq, (a, b) in zip(s.sequences, s.spans)]
     answers = [e.answer for e in examples]
     if any(a is not None for a in answers):
-        # per prompt (None: no answer; the mean over its k samples), so before/after can be
-        # compared prompt by prompt
+        # per prompt, the mean over its k samples (None: no answer): before/after pair up
         result["correct"] = [
             None if a is None else
-            float(np.mean([answer_correct(t, a, answer_match)
-                           for t in texts[i * k:(i + 1) * k]]))
+            float(np.mean([answer_correct(t, a) for t in texts[i * k:(i + 1) * k]]))
             for i, a in enumerate(answers)]
         hits = [x for x in result["correct"] if x is not None]
         result["accuracy"] = sum(hits) / len(hits)

@@ -68,8 +68,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     def run_eval(step: int) -> dict:
         status(f"evaluating at step {step} on {len(heldout)} held-out prompts ...")
         r = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
-                     samples_per_prompt=cfg.eval_samples,
-                     answer_match=cfg.data.answer_match, **step_args)
+                     samples_per_prompt=cfg.eval_samples, **step_args)
         check_overflow({"sequences": len(heldout) * cfg.eval_samples,
                         "overflowed": r["overflowed_sequences"]},
                        f"evaluation at step {step}", cfg, bar_write)

@@ -373,12 +373,12 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
                for arm, rs in runs.items()}
     ratios = {rule: bootstrap(correct, gain_ratio(f"opd_cross_{rule}", "opd_same", "untrained"))
               for rule in CROSS_RULES}
-    ratio = dict(ratios["proportional"])
-    if not teachers["matched"]:
-        ratio["refused"] = (f"teachers differ by {teachers['difference']:.3f} on the validation "
-                            f"split (more than {MATCH_TOLERANCE}): the ratio would compare "
-                            "teachers")
-        ratio["value"] = ratio["ci_low"] = ratio["ci_high"] = None
+    if not teachers["matched"]:  # every cross/same ratio would compare teachers
+        why = (f"teachers differ by {teachers['difference']:.3f} on the validation split (more "
+               f"than {MATCH_TOLERANCE}): the ratio would compare teachers")
+        ratios = {rule: {**r, "value": None, "ci_low": None, "ci_high": None, "refused": why}
+                  for rule, r in ratios.items()}
+    ratio = ratios["proportional"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "learn_curve.png"

@@ -30,11 +30,18 @@ import torch
 
 from crossopd.align import Alignment
 from crossopd.bench.learn_task import make_split
-from crossopd.bridge import TeacherRequest, align_bridged, build_teacher_request
+from crossopd.bridge import TeacherRequest, align_bridged
 from crossopd.config import RolloutConfig
 from crossopd.credit import ALL_RULES
 from crossopd.loss import LossConfig
-from crossopd.opd import Components, Scored, sample_rollouts, score_rollouts
+from crossopd.opd import (
+    Components,
+    Scored,
+    sample_rollouts,
+    score_requests,
+    score_rollouts,
+    teacher_requests,
+)
 from crossopd.prompts import Example
 from crossopd.scoring import token_budget_batches
 from crossopd.teachers.hf import HFTeacher
@@ -241,15 +248,10 @@ def sample_problems(c: Components, preset: TaskSizes, n_rollouts: int, seed: int
 
 def bridge_and_score(c: Components, exs: Sequence[Example], responses: Sequence[np.ndarray]
             ) -> tuple[list[TeacherRequest], list[Alignment], list[np.ndarray | None]]:
-    """Teacher requests, alignments and teacher log-probs exactly as ``score_rollouts`` builds
-    them (same requests, same scoring call)."""
-    reqs = [build_teacher_request(e.messages, r, c.student_fmt, c.teacher_fmt, c.sv, c.tv,
-                                  context=c.context, reference=e.reference)
-            for e, r in zip(exs, responses)]
-    live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
-    scores = c.teacher.score([reqs[i].teacher_ids for i in live],
-                             [reqs[i].scored_span for i in live]) if live else []
-    found = dict(zip(live, scores))  # None: overflowed or empty, no teacher signal
+    """Teacher requests, alignments and teacher log-probs, with the pieces ``score_rollouts``
+    uses (None: overflowed or empty, no teacher signal)."""
+    reqs = teacher_requests(c, exs, responses)
+    found = score_requests(c, reqs)
     t_lps = [found.get(i) for i in range(len(reqs))]
     return reqs, [align_bridged(q, c.sv, c.tv) for q in reqs], t_lps
 

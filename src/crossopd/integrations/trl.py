@@ -267,8 +267,7 @@ def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         r = evaluate(replace(c, student=student), heldout, cfg.rollout,
                      seed=cfg.seed + 10_007, credit_rule=cfg.credit_rule,
                      max_batch_tokens=cfg.max_batch_tokens,
-                     samples_per_prompt=cfg.eval_samples,
-                     answer_match=cfg.data.answer_match)
+                     samples_per_prompt=cfg.eval_samples)
         student.train(was_training)
         if main:
             append_jsonl(eval_path, {"step": step, **r})
