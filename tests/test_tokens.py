@@ -212,6 +212,20 @@ def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
     assert (first / "tokenizer.json").stat().st_mtime_ns == mtime
     assert not [p for p in first.parent.iterdir() if ".tmp" in p.name]
 
+    # The same bytes elsewhere (a new virtual environment, a fresh clone) reuse the entry; a
+    # different file gets its own.
+    import shutil
+
+    copy = tmp_path / "elsewhere" / path.name
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    assert gguf_tokenizer_dir(copy) == first
+    with copy.open("ab") as f:
+        f.write(b"\0")
+    from crossopd.files import file_digest
+
+    assert file_digest(copy) != file_digest(path)
+
 
 def test_unknown_source_error_names_the_options():
     with pytest.raises(FileNotFoundError, match="bundled name"):

@@ -3,6 +3,7 @@ JSON-lines metrics files a killed run is resumed from."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,10 +20,20 @@ def cache_dir() -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """A cheap identity of a file (path, size, mtime): a changed file gets a new cache entry."""
+    """The identity of a file's bytes: the same GGUF installed into a new virtual environment or
+    clone keeps its cache entry (a key on path and mtime grew a 500 MB model copy per clone)."""
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
+    return _content_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the memo key only, so an edited file is hashed again.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:

@@ -112,7 +112,7 @@ def splits(preset: Preset) -> tuple[list, list, list]:
     return train, val, test
 
 
-def _teachers(preset: Preset, root: Path, progress) -> dict[str, Any]:
+def load_models(preset: Preset, root: Path, progress=print) -> dict[str, Any]:
     """Tokenizers, T_x and T_s (matched in validation accuracy; trained once, cached on disk) and
     the weakly pretrained student (cached per ``student_steps``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -311,7 +311,7 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
                 progress=print) -> dict:
     preset = PRESETS[preset_name]
     t_start = time.perf_counter()
-    models = _teachers(preset, cache_dir() / "bench_learn", progress)
+    models = load_models(preset, cache_dir() / "bench_learn", progress)
     train_set, _, test_set = splits(preset)
     teacher_acc = {k: accuracy(*models[k], test_set, preset.max_new_tokens)
                    for k in ("teacher_x", "teacher_s")}
