@@ -21,6 +21,7 @@ import numpy as np
 
 from crossopd.bench.learn import PRESETS, load_models, run_opd, run_sft, splits
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
+from crossopd.bench.learn_task import correct_answers
 from crossopd.files import cache_dir
 
 GRID = {
@@ -37,31 +38,36 @@ def main(out_dir: str = "runs/learn_lr_grid") -> None:
     train_set, val_set, test_set = splits(preset)
     both = val_set + test_set  # one evaluation pass; split by problem afterwards
     n_val = len(val_set)
-    runs: dict[str, dict[float, list[np.ndarray]]] = {a: {} for a in GRID}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[float, np.ndarray]] = {a: {} for a in GRID}
     for arm, lrs in GRID.items():
         for lr in lrs:
+            saved = out / f"{arm}_lr{lr:g}.npy"  # a widened grid re-uses the points it has
+            if saved.exists():
+                runs[arm][lr] = np.load(saved)
+                continue
             p = replace(preset, sft_lr=lr) if arm == "sft" else replace(preset, opd_lr=lr)
+            per_seed = []
             for seed in range(preset.seeds):
                 if arm == "sft":
                     r = run_sft(models, p, seed, train_set, both)
                 else:
                     teacher = "teacher_x" if arm == "opd_cross_proportional" else "teacher_s"
                     r = run_opd(models, teacher, "proportional", p, seed, train_set, both)
-                runs[arm].setdefault(lr, []).append(np.asarray(r["correct"], dtype=float))
-            acc = np.stack(runs[arm][lr])
+                per_seed.append(np.asarray(r["correct"], dtype=float))
+            acc = runs[arm][lr] = np.stack(per_seed)
+            np.save(saved, acc)
             print(f"{arm} lr {lr:g}: validation {acc[:, :n_val].mean():.3f}, "
                   f"test {acc[:, n_val:].mean():.3f} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    grid = {arm: {f"{lr:g}": {"validation": float(np.stack(c)[:, :n_val].mean()),
-                              "test": float(np.stack(c)[:, n_val:].mean())}
+    grid = {arm: {f"{lr:g}": {"validation": float(c[:, :n_val].mean()),
+                              "test": float(c[:, n_val:].mean())}
                   for lr, c in per_lr.items()} for arm, per_lr in runs.items()}
-    chosen = {arm: max(per_lr, key=lambda lr: np.stack(per_lr[lr])[:, :n_val].mean())
+    chosen = {arm: max(per_lr, key=lambda lr: per_lr[lr][:, :n_val].mean())
               for arm, per_lr in runs.items()}
-    test = {arm: np.stack(runs[arm][lr])[:, n_val:] for arm, lr in chosen.items()}
-    base = models["student"]
-    from crossopd.bench.learn_task import correct_answers
-
-    untrained = correct_answers(*base, test_set, preset.max_new_tokens).astype(float)
+    test = {arm: runs[arm][lr][:, n_val:] for arm, lr in chosen.items()}
+    untrained = correct_answers(*models["student"], test_set, preset.max_new_tokens).astype(float)
     test["untrained"] = np.broadcast_to(untrained, test["sft"].shape)
     result = {
         "grid": grid,
@@ -73,8 +79,6 @@ def main(out_dir: str = "runs/learn_lr_grid") -> None:
                                                        "untrained")),
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "lr_grid.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -4,13 +4,14 @@ which arm wins is the benchmark's question, not the test's)."""
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
 
 from crossopd.align import align
-from crossopd.bench.learn import ARMS, bench_learn, summarise
-from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
+from crossopd.bench.learn import ARMS, PRESETS, bench_learn, with_settings
+from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio, summarise
 from crossopd.bench.learn_task import (
     check_answer,
     make_problem,
@@ -118,3 +119,35 @@ def test_ratio_is_refused_when_teachers_are_not_matched(tmp_path):
         assert all(("refused" in d) == (not matched) for d in r["ratios"].values())
         if matched:
             assert r["ratios"]["proportional"]["value"] == pytest.approx((0.5 - 0.25) / 0.5)
+
+
+def test_preset_settings_are_typed_and_checked():
+    p = with_settings(PRESETS["quick"], ["budget_tokens=240000", "opd_lr=3e-4",
+                                         "arms=opd_same, sft"])
+    assert p.budget_tokens == 240_000 and isinstance(p.budget_tokens, int)
+    assert p.opd_lr == 3e-4 and p.sft_lr == PRESETS["quick"].sft_lr
+    assert p.arms == ("untrained", "sft", "opd_same")  # the baseline always runs, ARMS order
+    for bad, says in (("budget=1", "KEY one of"), ("arms=sft,dpo", "unknown arm(s) dpo"),
+                      ("seeds=2.5", "expected an integer"), ("opd_lr=fast", "expected a number")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            with_settings(PRESETS["quick"], [bad])
+
+
+def test_a_subset_of_arms_reports_what_it_can(tmp_path):
+    arms = {"untrained": [[0, 0, 1, 0]] * 2, "sft": [[1, 0, 1, 0]] * 2,
+            "opd_cross_proportional": [[1, 1, 1, 0]] * 2}
+    r = summarise(_runs(arms), {"matched": True}, tmp_path)
+    assert r["cross_minus_sft"]["value"] == pytest.approx(0.25)
+    for key in ("ratio_cross_same", "same_minus_sft", "recovery_from_sft"):
+        assert r[key]["value"] is None and r[key]["refused"] == "not run: opd_same"
+    assert r["ratios"]["proportional"]["refused"] == "not run: opd_same"
+    assert r["arms"]["opd_cross_proportional"]["tokens_to_sft_final"] == 100
+
+
+def test_overrides_are_refused_outside_bench_learn(capsys):
+    from crossopd.cli import main
+
+    assert main(["bench", "learn", "--preset", "tiny", "nonsense=1"]) == 2
+    assert "KEY one of" in capsys.readouterr().err
+    assert main(["bench", "serve", "clients=4"]) == 2
+    assert "for `bench learn` only" in capsys.readouterr().err

@@ -62,13 +62,17 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.overrides and args.which != "learn":
+        raise ValueError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) are for "
+                         "`bench learn` only")
     if args.which == "learn":
         from crossopd.bench.learn import bench_learn
         from crossopd.bench.learn_stats import render_learn_table
 
         preset = args.preset or ("quick" if args.quick else "full")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-        result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log)
+        result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log,
+                             settings=args.overrides)
         print(json.dumps(result) if args.json else render_learn_table(result))
         return 0
     if args.which == "serve":
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cores).",
     )
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="learn: preset settings, e.g. budget_tokens=240000 opd_lr=3e-4 "
+                   "arms=sft,opd_cross_proportional,opd_same (fields of bench.learn.Preset)")
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")

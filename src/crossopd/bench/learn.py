@@ -23,6 +23,7 @@ OPD exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -34,14 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.bench.learn_stats import (
-    bootstrap,
-    difference,
-    gain_ratio,
-    plot_curves,
-    save_runs,
-    tokens_to_reach,
-)
+from crossopd.bench.learn_stats import MATCH_TOLERANCE, save_runs, summarise
 from crossopd.bench.learn_task import (
     accuracy,
     correct_answers,
@@ -63,7 +57,6 @@ from crossopd.teachers.hf import HFTeacher
 
 CROSS_RULES = ("proportional", "uniform", "last", "chunk")
 ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")
-MATCH_TOLERANCE = 0.02  # teachers' validation accuracies may differ by this much for a ratio
 
 
 # ------------------------------------------------------------------------------ presets
@@ -89,6 +82,7 @@ class Preset:
     seeds: int = 5
     max_new_tokens: int = 24
     diagnosis_rollouts: int = 64
+    arms: tuple[str, ...] = ARMS  # "untrained" always runs: every gain is measured from it
 
 
 PRESETS = {
@@ -100,6 +94,35 @@ PRESETS = {
                    teacher_target=0.8, teacher_steps=8000, student_steps=1200,
                    budget_tokens=400_000, evals=8, seeds=8),
 }
+
+
+def with_settings(preset: Preset, settings: list[str]) -> Preset:
+    """``key=value`` overrides on a preset (``crossopd bench learn --quick budget_tokens=240000
+    opd_lr=3e-4 arms=sft,opd_cross_proportional,opd_same``)."""
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    changes: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(fields))}")
+        if key == "arms":
+            wanted = {a.strip() for a in value.split(",") if a.strip()}
+            if unknown := wanted - set(ARMS):
+                raise ValueError(f"arms: unknown arm(s) {', '.join(sorted(unknown))}; "
+                                 f"choose from {', '.join(ARMS)}")
+            changes[key] = tuple(a for a in ARMS if a in wanted or a == "untrained")
+            continue
+        kind = type(getattr(preset, key))
+        try:
+            number = float(value)
+            if kind is int and number != int(number):
+                raise ValueError
+            changes[key] = kind(number)
+        except ValueError:
+            want = "an integer" if kind is int else "a number"
+            raise ValueError(f"{key}={value}: expected {want}") from None
+    return dataclasses.replace(preset, **changes)
 
 
 def splits(preset: Preset) -> tuple[list, list, list]:
@@ -308,8 +331,10 @@ def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
-                progress=print) -> dict:
-    preset = PRESETS[preset_name]
+                progress=print, settings: list[str] | None = None) -> dict:
+    """Runs the preset (with ``settings``, ``key=value`` overrides) and writes ``runs.json``,
+    ``result.json`` and the plot to ``out_dir``."""
+    preset = with_settings(PRESETS[preset_name], settings or [])
     t_start = time.perf_counter()
     models = load_models(preset, cache_dir() / "bench_learn", progress)
     train_set, _, test_set = splits(preset)
@@ -324,18 +349,22 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     identity = identity_check(models, preset, seed=0)
     progress(f"oracle diagnosis and identity control ({time.perf_counter() - t0:.0f} s): "
              f"identity exact={identity['exact']}")
-    runs: dict[str, list[dict]] = {a: [] for a in ARMS}
+    runs: dict[str, list[dict]] = {a: [] for a in preset.arms}
     base = correct_answers(*models["student"], test_set, preset.max_new_tokens)
     for seed in range(preset.seeds):
         runs["untrained"].append({"acc": float(base.mean()), "correct": base, "tokens": 0,
                                   "curve": [(0, float(base.mean()))]})
-        runs["sft"].append(run_sft(models, preset, seed, train_set, test_set))
-        for rule in CROSS_RULES:
-            runs[f"opd_cross_{rule}"].append(
-                run_opd(models, "teacher_x", rule, preset, seed, train_set, test_set))
-        runs["opd_same"].append(
-            run_opd(models, "teacher_s", "proportional", preset, seed, train_set, test_set))
-        runs["uld"].append(run_uld(models, preset, seed, train_set, test_set))
+        for arm in runs:
+            if arm == "sft":
+                runs[arm].append(run_sft(models, preset, seed, train_set, test_set))
+            elif arm == "uld":
+                runs[arm].append(run_uld(models, preset, seed, train_set, test_set))
+            elif arm == "opd_same":
+                runs[arm].append(run_opd(models, "teacher_s", "proportional", preset, seed,
+                                         train_set, test_set))
+            elif arm.startswith("opd_cross_"):
+                runs[arm].append(run_opd(models, "teacher_x", arm.removeprefix("opd_cross_"),
+                                         preset, seed, train_set, test_set))
         progress(f"seed {seed}: " + ", ".join(f"{a} {r[-1]['acc']:.3f}" for a, r in runs.items()))
     # matched on the split they were matched on (held out from training, twice the test
     # split's size); the test split's difference is reported beside it
@@ -345,54 +374,8 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     teachers["matched"] = teachers["difference"] <= MATCH_TOLERANCE
     save_runs(runs, Path(out_dir) / "runs.json")
     result = summarise(runs, teachers, out_dir)
-    result.update(preset=preset_name, settings=asdict(preset), diagnosis=diagnosis,
+    result.update(preset=preset_name, overrides=settings or [], settings=asdict(preset),
+                  diagnosis=diagnosis,
                   identity=identity, seconds=time.perf_counter() - t_start)
     (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) -> dict:
-    """Per-arm accuracy, the gain ratios and differences with paired bootstrap intervals, tokens
-    to reach SFT's final accuracy, and the plot."""
-    arms: dict[str, dict] = {}
-    for arm, rs in runs.items():
-        accs = [r["acc"] for r in rs]
-        arms[arm] = {"acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-                     "acc_per_seed": accs,
-                     "student_tokens": int(np.mean([r["tokens"] for r in rs]))}
-        if "one_to_one_share" in rs[0]:
-            arms[arm]["one_to_one_share"] = float(np.mean([r["one_to_one_share"] for r in rs]))
-    sft_final, untrained = arms["sft"]["acc_mean"], arms["untrained"]["acc_mean"]
-    for arm in [a for a in runs if a.startswith("opd_")]:
-        # only meaningful when SFT itself improved on the untrained student
-        need = tokens_to_reach(runs[arm], sft_final) if sft_final > untrained else None
-        arms[arm]["tokens_to_sft_final"] = need
-        arms[arm]["tokens_to_sft_final_ratio"] = (
-            need / arms["sft"]["student_tokens"] if need is not None else None)
-    correct = {arm: np.stack([r["correct"] for r in rs]).astype(float)
-               for arm, rs in runs.items()}
-    ratios = {rule: bootstrap(correct, gain_ratio(f"opd_cross_{rule}", "opd_same", "untrained"))
-              for rule in CROSS_RULES}
-    if not teachers["matched"]:  # every cross/same ratio would compare teachers
-        why = (f"teachers differ by {teachers['difference']:.3f} on the validation split (more "
-               f"than {MATCH_TOLERANCE}): the ratio would compare teachers")
-        ratios = {rule: {**r, "value": None, "ci_low": None, "ci_high": None, "refused": why}
-                  for rule, r in ratios.items()}
-    ratio = ratios["proportional"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot = out / "learn_curve.png"
-    plot_curves(runs, plot)
-    return {
-        "teachers": teachers,
-        "arms": arms,
-        "one_to_one_share": arms["opd_cross_proportional"].get("one_to_one_share"),
-        "ratio_cross_same": ratio,
-        "cross_same_gain_ratio": ratio["value"],  # the v1 key
-        "ratios": ratios,
-        "cross_minus_sft": bootstrap(correct, difference("opd_cross_proportional", "sft")),
-        "same_minus_sft": bootstrap(correct, difference("opd_same", "sft")),
-        "recovery_from_sft": bootstrap(correct, gain_ratio("opd_cross_proportional",
-                                                           "opd_same", "sft")),
-        "plot": str(plot),
-    }

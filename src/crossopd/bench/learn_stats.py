@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 RESAMPLES = 4000
+MATCH_TOLERANCE = 0.02  # teachers' validation accuracies may differ by this much for a ratio
 
 
 def bootstrap(correct: dict[str, np.ndarray], stat: Callable[[dict[str, np.ndarray]], float],
@@ -90,9 +91,66 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) -> dict:
+    """Per-arm accuracy, the gain ratios and differences with paired bootstrap intervals, tokens
+    to reach SFT's final accuracy, and the plot. A statistic whose arms did not run (an
+    ``arms=...`` override) keeps its keys, with ``value`` None and ``refused`` naming them."""
+    arms: dict[str, dict] = {}
+    for arm, rs in runs.items():
+        accs = [r["acc"] for r in rs]
+        arms[arm] = {"acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+                     "acc_per_seed": accs,
+                     "student_tokens": int(np.mean([r["tokens"] for r in rs]))}
+        if "one_to_one_share" in rs[0]:
+            arms[arm]["one_to_one_share"] = float(np.mean([r["one_to_one_share"] for r in rs]))
+    if "sft" in arms:
+        sft_final, untrained = arms["sft"]["acc_mean"], arms["untrained"]["acc_mean"]
+        for arm in [a for a in runs if a.startswith("opd_")]:
+            # only meaningful when SFT itself improved on the untrained student
+            need = tokens_to_reach(runs[arm], sft_final) if sft_final > untrained else None
+            arms[arm]["tokens_to_sft_final"] = need
+            arms[arm]["tokens_to_sft_final_ratio"] = (
+                need / arms["sft"]["student_tokens"] if need is not None else None)
+    correct = {arm: np.stack([r["correct"] for r in rs]).astype(float)
+               for arm, rs in runs.items()}
+
+    def stat(fn: Callable, *needed: str) -> dict:
+        if missing := [a for a in needed if a not in correct]:
+            return {"value": None, "ci_low": None, "ci_high": None,
+                    "refused": f"not run: {', '.join(missing)}"}
+        return bootstrap(correct, fn)
+
+    rules = [a.removeprefix("opd_cross_") for a in runs if a.startswith("opd_cross_")]
+    ratios = {rule: stat(gain_ratio(f"opd_cross_{rule}", "opd_same", "untrained"),
+                         f"opd_cross_{rule}", "opd_same") for rule in rules}
+    if not teachers["matched"]:  # every cross/same ratio would compare teachers
+        why = (f"teachers differ by {teachers['difference']:.3f} on the validation split (more "
+               f"than {MATCH_TOLERANCE}): the ratio would compare teachers")
+        ratios = {rule: {**r, "value": None, "ci_low": None, "ci_high": None, "refused": why}
+                  for rule, r in ratios.items()}
+    cross = "opd_cross_proportional"
+    ratio = ratios.get("proportional") or stat(len, cross)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = out / "learn_curve.png"
+    plot_curves(runs, plot)
+    return {
+        "teachers": teachers,
+        "arms": arms,
+        "one_to_one_share": arms.get(cross, {}).get("one_to_one_share"),
+        "ratio_cross_same": ratio,
+        "cross_same_gain_ratio": ratio["value"],  # the v1 key
+        "ratios": ratios,
+        "cross_minus_sft": stat(difference(cross, "sft"), cross, "sft"),
+        "same_minus_sft": stat(difference("opd_same", "sft"), "opd_same", "sft"),
+        "recovery_from_sft": stat(gain_ratio(cross, "opd_same", "sft"), cross, "opd_same", "sft"),
+        "plot": str(plot),
+    }
+
+
 def _interval(d: dict | None) -> str:
     if not d or d.get("value") is None:
-        return "n/a"
+        return f"n/a ({d['refused']})" if d and d.get("refused") else "n/a"
     lo, hi = d["ci_low"], d["ci_high"]
     ci = "" if lo is None else f" [95% CI {lo:.2f}, {hi:.2f}]"
     return f"{d['value']:.3f}{ci}"
@@ -103,8 +161,9 @@ def render_learn_table(r: dict) -> str:
     v = t.get("validation", t)
     lines = [f"preset {r['preset']}: teachers (validation / test) T_x {v['teacher_x']:.3f} / "
              f"{t['teacher_x']:.3f}, T_s {v['teacher_s']:.3f} / {t['teacher_s']:.3f} "
-             f"({'matched' if t['matched'] else 'NOT matched'}); 1:1 chunk share (cross) "
-             f"{r['one_to_one_share']:.3f}",
+             f"({'matched' if t['matched'] else 'NOT matched'})"
+             + ("" if r["one_to_one_share"] is None
+                else f"; 1:1 chunk share (cross) {r['one_to_one_share']:.3f}"),
              f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
     for arm, a in r["arms"].items():
         need = a.get("tokens_to_sft_final")
