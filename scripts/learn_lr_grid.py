@@ -1,6 +1,6 @@
 """A learning-rate grid for the main arms of ``crossopd bench learn --quick``: SFT, cross-tokenizer
-OPD (proportional) and same-tokenizer OPD, each at its default learning rate and its neighbours
-(OPD only upward: 1e-3 collapsed in v1).
+OPD (proportional) and same-tokenizer OPD, each at v2's first learning rate (SFT 1e-3, OPD 1e-4)
+and its neighbours (OPD only upward: 1e-3 collapsed in v1).
 
 Each arm's learning rate is chosen on the validation split (the one the teachers were matched
 on), and the arms are then compared at their chosen rates on the test split, so the choice does
@@ -24,9 +24,9 @@ from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
 from crossopd.bench.learn_task import correct_answers
 from crossopd.files import cache_dir
 
-GRID = {
-    "sft": (3e-4, 1e-3, 3e-3),  # default 1e-3
-    "opd_cross_proportional": (1e-4, 3e-4),  # default 1e-4; 1e-3 collapsed in v1
+GRID = {  # the grid that ran; the chosen rates are now the preset's defaults
+    "sft": (3e-4, 1e-3, 3e-3),
+    "opd_cross_proportional": (1e-4, 3e-4),  # 1e-3 collapsed every OPD arm in v1
     "opd_same": (1e-4, 3e-4),
 }
 

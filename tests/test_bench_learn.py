@@ -122,10 +122,10 @@ def test_ratio_is_refused_when_teachers_are_not_matched(tmp_path):
 
 
 def test_preset_settings_are_typed_and_checked():
-    p = with_settings(PRESETS["quick"], ["budget_tokens=240000", "opd_lr=3e-4",
+    p = with_settings(PRESETS["quick"], ["budget_tokens=240000", "opd_lr=5e-4",
                                          "arms=opd_same, sft"])
     assert p.budget_tokens == 240_000 and isinstance(p.budget_tokens, int)
-    assert p.opd_lr == 3e-4 and p.sft_lr == PRESETS["quick"].sft_lr
+    assert p.opd_lr == 5e-4 and p.sft_lr == PRESETS["quick"].sft_lr
     assert p.arms == ("untrained", "sft", "opd_same")  # the baseline always runs, ARMS order
     for bad, says in (("budget=1", "KEY one of"), ("arms=sft,dpo", "unknown arm(s) dpo"),
                       ("seeds=2.5", "expected an integer"), ("opd_lr=fast", "expected a number")):
