@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy of SFT, ULD, cross-tokenizer OPD (four credit rules) and same-tokenizer OPD "
         "from strength-matched teachers at an equal student-token budget, on small models "
         "trained from scratch, with bootstrap intervals, an oracle diagnosis of the credit rules "
-        "and an identity control (--quick: 5 seeds, ~15 min on 2 cores with cached teachers, ~7 "
+        "and an identity control (--quick: 5 seeds, ~12 min on 2 cores with cached teachers, ~7 "
         "min more to build them). 'serve': serve-teacher on the bundled teacher under one "
         "client, then N concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, "
         "peak RSS; --quick: ~1 min on 2 cores). 'step': one whole OPD step per phase for the "
