@@ -378,7 +378,6 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     save_runs(runs, Path(out_dir) / "runs.json")
     result = summarise(runs, teachers, out_dir)
     result.update(preset=preset_name, overrides=settings or [], settings=asdict(preset),
-                  diagnosis=diagnosis,
-                  identity=identity, seconds=time.perf_counter() - t_start)
+                  diagnosis=diagnosis, identity=identity, seconds=time.perf_counter() - t_start)
     (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -129,7 +129,8 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         ratios = {rule: {**r, "value": None, "ci_low": None, "ci_high": None, "refused": why}
                   for rule, r in ratios.items()}
     cross = "opd_cross_proportional"
-    ratio = ratios.get("proportional") or stat(len, cross)
+    ratio = ratios.get("proportional") or stat(gain_ratio(cross, "opd_same", "untrained"),
+                                               cross, "opd_same")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "learn_curve.png"
