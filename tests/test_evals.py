@@ -42,4 +42,4 @@ def test_heldout_summary_is_paired_over_prompts():
     # without answers there is no metric, only KL and stop rate
     plain = heldout_summary([{"kl_per_byte": 1.0, "stop_rate": 0.5}] * 2)
     assert "metric" not in plain and plain["heldout_kl_before"] == 1.0
-    assert heldout_summary([]) == {}
+    assert heldout_summary([]) == {"heldout_kl_before": None, "heldout_kl_after": None}

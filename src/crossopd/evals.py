@@ -55,9 +55,9 @@ def heldout_summary(evals: list[dict]) -> dict:
     """Before/after of the held-out evaluations (first and last row of eval.jsonl): reverse KL
     per byte, stop rate, and the task metric with standard errors over prompts (a prompt's value
     is the mean over its samples). The change's standard error is paired: the spread of the
-    per-prompt differences, divided by sqrt(n)."""
+    per-prompt differences, divided by sqrt(n). Without evaluations the KL keys are None."""
     if not evals:
-        return {}
+        return {"heldout_kl_before": None, "heldout_kl_after": None}
     first, last = evals[0], evals[-1]
     out = {"heldout_kl_before": first["kl_per_byte"], "heldout_kl_after": last["kl_per_byte"],
            "heldout_stop_rate_before": first["stop_rate"],

@@ -129,7 +129,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     evals, rows = read_jsonl(eval_path), read_jsonl(metrics_path)
     return {
         "steps": cfg.steps,
-        "heldout_kl_before": None, "heldout_kl_after": None,
         **heldout_summary(evals),
         "final_eval": final_eval,
         "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
