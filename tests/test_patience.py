@@ -18,12 +18,13 @@ import pytest
 from conftest import PLAIN, free_port
 
 
-def _serve(model: str, port: int) -> subprocess.Popen:
+def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
     """serve-teacher scoring one request per forward pass (scores independent of batching),
     logging one line per request."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model, "--port",
-         str(port), "--device", "cpu", "--max-batch-requests", "1", "--log-level", "debug"],
+         str(port), "--device", "cpu", "--max-batch-requests", "1", "--log-level", "debug",
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         if f":{port}/v1" in line:
@@ -131,3 +132,23 @@ def test_patience_exceeded_saves_and_resume_is_exact(tiny, tmp_path, undisturbed
         server.wait(timeout=30)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _rows(out_dir) == undisturbed
+
+
+def test_teacher_started_after_the_trainer_is_waited_for(tiny, tmp_path):
+    """``vllm serve ... &`` then training at once: the trainer's preflight waits for the
+    teacher (status lines on stderr) instead of exiting on "connection refused"."""
+    port = free_port()
+    out = tmp_path / "run"
+    run = _train(tiny, out, port, "teacher.served_name=tiny-teacher", "steps=1",
+                 "rollout.max_new_tokens=8", "teacher.patience_s=120")
+    time.sleep(15)
+    server = _serve(tiny["teacher"], port, "--name", "tiny-teacher")
+    try:
+        _, err = run.communicate(timeout=600)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert run.returncode == 0, err[-2000:]
+    assert f"crossopd: waiting for teacher http://127.0.0.1:{port} (connection refused), 0 s " \
+           "of 120 s (teacher.patience_s)" in err
+    assert len(_rows(out)) == 1

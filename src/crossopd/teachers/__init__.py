@@ -7,6 +7,7 @@ end`` (a float64 array of length ``end - start``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -36,4 +37,10 @@ def check_spans(sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, i
             )
 
 
-__all__ = ["Teacher", "TeacherError", "check_spans"]
+def status_line(message: str) -> None:
+    """A ``crossopd: ...`` status line on stderr (waiting for a teacher, say), flushed at once
+    so it shows while the wait goes on, and kept off stdout, which may be piped as data."""
+    print(f"crossopd: {message}", file=sys.stderr, flush=True)
+
+
+__all__ = ["Teacher", "TeacherError", "check_spans", "status_line"]

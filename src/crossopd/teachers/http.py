@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import sys
 import threading
 import time
 import urllib.error
@@ -38,11 +37,10 @@ from http.client import HTTPException
 
 import numpy as np
 
-from crossopd.teachers import TeacherError, check_spans
-from crossopd.teachers.probe import served_models
+from crossopd.teachers import TeacherError, check_spans, status_line
+from crossopd.teachers.probe import RETRY_STATUSES, served_models
 
 API_KEY_ENV = "CROSSOPD_API_KEY"
-RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 DEAD_URL_S = 30.0  # how long a URL that refused connections is skipped
 
 
@@ -133,7 +131,7 @@ class HTTPTeacher:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self.patience_s = patience_s
-        self.on_wait = on_wait or _stderr_line
+        self.on_wait = on_wait or status_line
         self._dead: dict[str, float] = {}  # URL -> monotonic time until which it is skipped
 
     @property
@@ -351,10 +349,6 @@ class HTTPTeacher:
                          f"{pause:.0f} s")
             time.sleep(pause)
             attempt += 1
-
-
-def _stderr_line(message: str) -> None:
-    print(f"crossopd: {message}", file=sys.stderr, flush=True)
 
 
 def _parse(doc: dict, ids: list[int], span: tuple[int, int], url: str) -> np.ndarray:
