@@ -82,21 +82,38 @@ def brute_force_sync_offsets(s_ids, t_ids, sv: ByteVocab, tv: ByteVocab) -> set[
     return out
 
 
+def _proportional(l_t: float, s: list[float]) -> list[float]:
+    if abs(sum(s)) < 1e-8:
+        return _uniform(l_t, s)
+    return [l_t / sum(s) * x for x in s]
+
+
+def _uniform(l_t: float, s: list[float]) -> list[float]:
+    return [l_t / len(s)] * len(s)
+
+
+def _last(l_t: float, s: list[float]) -> list[float]:
+    return [*s[:-1], l_t - sum(s[:-1])]
+
+
+def _chunk(l_t: float, s: list[float]) -> list[float]:
+    return [x + (l_t - sum(s)) for x in s]
+
+
+# one chunk's targets from its L_T and its student log-probs, as DESIGN section 1 writes each
+# built-in rule; the tests check that this covers every built-in of the registry
+CHUNK_DEFINITIONS = {"proportional": _proportional, "uniform": _uniform, "last": _last,
+                     "chunk": _chunk}
+
+
 def credit_reference(a: Alignment, t_lp, s_lp, rule: str) -> np.ndarray:
-    """Credit rules as written in DESIGN section 1, one chunk at a time."""
+    """A credit rule of ``CHUNK_DEFINITIONS``, one chunk at a time."""
+    define = CHUNK_DEFINITIONS[rule]
     q = np.full(len(s_lp), np.nan)
     for c in range(a.num_chunks):
         idx = [i for i, x in enumerate(a.student_chunk.tolist()) if x == c]
         jdx = [j for j, x in enumerate(a.teacher_chunk.tolist()) if x == c]
         l_t = sum(t_lp[j] for j in jdx)
-        l_s = sum(s_lp[i] for i in idx)
-        for k, i in enumerate(idx):
-            if rule == "uniform" or (rule == "proportional" and abs(l_s) < 1e-8):
-                q[i] = l_t / len(idx)
-            elif rule == "proportional":
-                q[i] = l_t / l_s * s_lp[i]
-            elif k == len(idx) - 1:  # last
-                q[i] = l_t - sum(s_lp[m] for m in idx[:-1])
-            else:
-                q[i] = s_lp[i]
+        for i, target in zip(idx, define(l_t, [s_lp[i] for i in idx])):
+            q[i] = target
     return q

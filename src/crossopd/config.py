@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from crossopd import bundled
-from crossopd.credit import ALL_RULES
+from crossopd.credit import get_rule
 from crossopd.loss import LossConfig
 
 
@@ -104,7 +104,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    credit_rule: str = "proportional"
+    credit_rule: str = "proportional"  # a name of credit.rule_names() or package.module:fn
     steps: int = 10
     batch_size: int = 8  # prompts per step
     update_epochs: int = 1
@@ -295,9 +295,10 @@ def _looks_like_path(s: str) -> bool:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.credit_rule not in ALL_RULES:
-        raise ConfigError(
-            f"credit_rule {cfg.credit_rule!r}: choose one of {', '.join(ALL_RULES)}")
+    try:  # a typo or a broken import path fails here, before any model loads
+        get_rule(cfg.credit_rule)
+    except ValueError as e:
+        raise ConfigError(f"credit_rule: {e}") from e
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
                             ("update_epochs", cfg.update_epochs, 1),
                             ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),

@@ -49,13 +49,14 @@ from crossopd.bench.learn_task import (
 )
 from crossopd.bench.oracle import diagnose, identity_check
 from crossopd.config import RolloutConfig
+from crossopd.credit import BUILTIN_RULES
 from crossopd.files import atomic_dir_write, cache_dir
 from crossopd.loss import LossConfig
 from crossopd.opd import Components, rollout_and_score, update
 from crossopd.prompts import Example
 from crossopd.teachers.hf import HFTeacher
 
-CROSS_RULES = ("proportional", "uniform", "last", "chunk")
+CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")
 
 
