@@ -1,4 +1,4 @@
-"""Bundled models and tokenizer files that install from the package index (DESIGN section 5).
+"""Bundled models and tokenizer files that install from the package index.
 
 Short names let users and tests say ``smollm2`` instead of a site-packages path. Nothing here
 downloads anything: a missing package gives an error that names the package to install.
