@@ -18,32 +18,33 @@ from pathlib import Path
 
 import torch
 
-from crossopd.build import build_components, load_splits
+from crossopd.build import build_sides, load_splits
 from crossopd.config import load_config
 from crossopd.evals import heldout_summary
 from crossopd.files import read_jsonl
 from crossopd.hub import quiet_hf
-from crossopd.opd import evaluate
+from crossopd.lifecycle import heldout_eval
 from crossopd.rollout.hf import sample
 from crossopd.scoring import score_sequences
 
 
-def teacher_answers(c, examples, cfg) -> list[list[int]]:
+def teacher_answers(student, teacher, examples, cfg) -> list[list[int]]:
     """The teacher's sampled answer to each prompt, cut at its stop string and spelled in the
     student's vocabulary with the student's end-of-turn."""
-    prompts = [c.teacher_fmt.prompt_ids(c.context.apply(e.messages, e.reference))
+    prompts = [teacher.fmt.prompt_ids(teacher.context.apply(e.messages, e.reference))
                for e in examples]
-    e = c.teacher.model.generation_config.eos_token_id
+    model = teacher.teacher.model
+    e = model.generation_config.eos_token_id
     eos = {int(i) for i in (e if isinstance(e, list) else [e]) if i is not None}
-    outs = sample(c.teacher.model, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+    outs = sample(model, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                   stop_ids=eos or {0}, pad_id=0)
-    stop = cfg.teacher.stop or c.teacher_fmt.end_of_turn
+    stop = cfg.teacher.stop or teacher.fmt.end_of_turn
     answers = []
     for out in outs:
-        text = c.tv.concat_bytes([int(i) for i in out if int(i) not in eos])
+        text = teacher.vocab.concat_bytes([int(i) for i in out if int(i) not in eos])
         text = text.decode("utf-8", "replace").split(stop)[0].strip()
-        answers.append(c.sv.encode_bytes(text.encode()) + c.student_fmt.end_of_turn_ids)
+        answers.append(student.vocab.encode_bytes(text.encode()) + student.fmt.end_of_turn_ids)
     return answers
 
 
@@ -52,30 +53,30 @@ def main(run_dir: str, overrides: list[str]) -> dict:
     run = Path(run_dir)
     cfg = load_config(run / "config.json", overrides)  # the OPD run's own settings
     budget = sum(int(m["response_tokens"]) for m in read_jsonl(run / "metrics.jsonl"))
-    c = build_components(cfg)
+    student, teachers = build_sides(cfg)
+    (teacher,) = teachers.values()
     train, heldout = load_splits(cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(c.student.parameters(), lr=cfg.optim.lr)
+    opt = torch.optim.AdamW(student.model.parameters(), lr=cfg.optim.lr)
     tokens = steps = 0
     while tokens < budget:
         batch = rng.sample(train, min(cfg.batch_size, len(train)))
         with torch.no_grad():
-            answers = teacher_answers(c, batch, cfg)
-        prompts = [c.student_fmt.prompt_ids(e.messages) for e in batch]
+            answers = teacher_answers(student, teacher, batch, cfg)
+        prompts = [student.fmt.prompt_ids(e.messages) for e in batch]
         seqs = [p + a for p, a in zip(prompts, answers)]
         spans = [(len(p), len(p) + len(a)) for p, a in zip(prompts, answers)]
-        logps = score_sequences(c.student, seqs, spans, grad=True, pad_id=c.pad_id)
+        logps = score_sequences(student.model, seqs, spans, grad=True, pad_id=student.pad_id)
         n = sum(len(a) for a in answers)
         loss = -torch.cat(logps).sum() / n  # token mean, as the OPD loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(c.student.parameters(), cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(student.model.parameters(), cfg.optim.grad_clip)
         opt.step()
         tokens, steps = tokens + n, steps + 1
-    c.student.eval()
-    after = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
-                     samples_per_prompt=cfg.eval_samples)
+    student.model.eval()
+    after = heldout_eval(cfg, student, teachers, heldout)
     evals = read_jsonl(run / "eval.jsonl")
     opd = heldout_summary(evals)
     sft = heldout_summary([evals[0], after])

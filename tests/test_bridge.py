@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -205,7 +207,8 @@ def test_teacher_context_overflow_gets_no_signal(get_vocab, smol_chat, gemma_pla
     t_fmt, _ = gemma_plain
     sv, tv = get_vocab("smollm2"), get_vocab("gemma3-270m")
     resp = sv.encode_bytes(b"a long answer " * 20) + [2]
-    req = build_teacher_request(MESSAGES, resp, smol_chat, t_fmt, sv, tv, max_length=50)
+    short = dataclasses.replace(t_fmt, max_length=50)  # a teacher with a 50-token context
+    req = build_teacher_request(MESSAGES, resp, smol_chat, short, sv, tv)
     assert req.overflow
     a = align_bridged(req, sv, tv)
     assert a.num_chunks == 0 and (a.student_chunk == -1).all()

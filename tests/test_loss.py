@@ -42,7 +42,8 @@ def test_loss_matches_slow_reference(rows, cfg):
     old = torch.tensor([r[1] for r in rows], dtype=torch.float64)
     q = torch.tensor([r[2] for r in rows], dtype=torch.float64)
     mask = torch.tensor([r[3] for r in rows], dtype=torch.bool)
-    adv, valid = advantages(q, old, mask, cfg.adv_clamp)
+    # a masked token is one without a target
+    adv, valid = advantages(torch.where(mask, q, float("nan")), old, cfg.adv_clamp)
     loss, stats = policy_loss(logps, old, adv, valid, cfg)
     ref = reference_loss(logps.tolist(), old.tolist(), q.tolist(), mask.tolist(), cfg)
     assert loss.item() == pytest.approx(ref, rel=1e-9, abs=1e-12)
@@ -54,7 +55,7 @@ def test_on_policy_gradient_is_reinforce_with_reverse_kl_reward():
     old = torch.tensor([-1.0, -2.0, -0.5])
     logps = old.clone().requires_grad_(True)
     q = torch.tensor([-0.5, -3.0, float("nan")])
-    adv, valid = advantages(q, old, torch.ones(3, dtype=torch.bool))
+    adv, valid = advantages(q, old)
     loss, _ = policy_loss(logps, old, adv, valid)
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([-0.5, 1.0, 0.0]) / 2)

@@ -23,18 +23,17 @@ from crossopd.bench.oracle import (
     ChunkQuery,
     PrefixLogprobs,
     answer_tokens,
-    bridge_and_score,
     diagnose,
     identity_check,
     oracle_targets,
     oracle_targets_many,
     rollout_oracle,
 )
+from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
-from crossopd.credit import ALL_RULES
-from crossopd.opd import Components, rollout_and_score, sample_rollouts, score_rollouts
+from crossopd.credit import BUILTIN_RULES
+from crossopd.opd import rollout_and_score, sample_rollouts, score_rollouts
 from crossopd.prompts import Example
-from crossopd.teachers.hf import HFTeacher
 from crossopd.tokens import ByteVocab
 
 # id 0 is byteless (an end of turn: it ends the continuation); several spellings of most strings
@@ -163,22 +162,23 @@ def models():
     return out
 
 
-def components(models, teacher="teacher_x"):
+def sides(models, teacher="teacher_x"):
     student, s_tok = models["student"]
     t_model, t_tok = models[teacher]
-    return Components.from_tokenizers(student, s_tok, HFTeacher(t_model), t_tok)
+    return hf_pair(student, s_tok, t_model, t_tok)
 
 
 def test_chunk_rule_runs_through_rollout_and_score_with_comparable_kl(models):
-    c = components(models)
+    student, teachers = sides(models)
     examples = [Example([{"role": "user", "content": p}], str(a))
                 for p, _, a in make_split(6, 5)]
     torch.manual_seed(0)
-    s = rollout_and_score(c, examples, RolloutConfig(max_new_tokens=10), credit_rule="chunk")
+    s = rollout_and_score(student, teachers, examples, RolloutConfig(max_new_tokens=10),
+                          credit_rule="chunk")
     assert s.stats["signal_tokens"] > 0
-    exs, prompts, responses = sample_rollouts(c, examples, RolloutConfig(max_new_tokens=10))
-    by_rule = {rule: score_rollouts(c, exs, prompts, responses, credit_rule=rule,
-                                    max_batch_tokens=4096, special_penalty=5.0)
+    exs, prompts, responses = sample_rollouts(student, examples, RolloutConfig(max_new_tokens=10))
+    by_rule = {rule: score_rollouts(student, teachers, exs, prompts, responses,
+                                    credit_rule=rule, max_batch_tokens=4096, special_penalty=5.0)
                for rule in ("uniform", "chunk")}
     u, ch = by_rule["uniform"], by_rule["chunk"]
     # the KL statistics are L_S - L_T per chunk whatever the rule; the targets differ
@@ -192,14 +192,17 @@ def test_oracle_on_worked_solutions(models):
     each chunk's targets add up to log f(chunk bytes) >= L_T (the teacher's mass on other
     spellings comes on top), the stop chunk gets the teacher's log-prob, and each chunk's
     targets are those of a direct single-chunk call."""
-    c = components(models)
+    student, teachers = sides(models)
+    sv, tv = student.vocab, teachers["teacher"].vocab
     problems = make_split(8, 7)
     exs = [Example([{"role": "user", "content": p}], str(a)) for p, _, a in problems]
     eos = models["student"][1].eos_token_id
-    responses = [np.asarray(c.sv.encode_bytes(sol.encode()) + [eos]) for _, sol, _ in problems]
-    reqs, aligns, t_lps = bridge_and_score(c, exs, responses)
+    responses = [np.asarray(sv.encode_bytes(sol.encode()) + [eos]) for _, sol, _ in problems]
+    prompts = [student.fmt.prompt_ids(e.messages) for e in exs]
+    scored = score_rollouts(student, teachers, exs, prompts, responses)
+    reqs, aligns, t_lps = scored.requests, scored.alignments, scored.teacher_logps
     lp = PrefixLogprobs.from_model(models["teacher_x"][0])
-    targets = rollout_oracle(lp, c.sv, c.tv, reqs, aligns, t_lps)
+    targets = rollout_oracle(lp, sv, tv, reqs, aligns, t_lps)
     multi = 0
     for req, a, o, t_lp in zip(reqs, aligns, targets, t_lps):
         assert not np.isnan(o).any() and a.num_chunks > 0
@@ -210,8 +213,8 @@ def test_oracle_on_worked_solutions(models):
         assert o[-1] == t_lp[-1]  # the stop chunk: end of turn on both sides
         ch = int(np.flatnonzero(np.bincount(a.student_chunk[a.student_chunk >= 0]) > 1)[0])
         t0 = int(np.flatnonzero(a.teacher_chunk == ch)[0])
-        pieces = c.sv.token_bytes(req.student_response[a.student_chunk == ch])
-        direct = oracle_targets(lp, c.tv, req.teacher_ids[: req.response_start + t0], pieces)
+        pieces = sv.token_bytes(req.student_response[a.student_chunk == ch])
+        direct = oracle_targets(lp, tv, req.teacher_ids[: req.response_start + t0], pieces)
         np.testing.assert_allclose(o[a.student_chunk == ch], direct, rtol=0, atol=1e-12)
     assert multi > 8
 
@@ -226,7 +229,7 @@ def test_answer_tokens_are_the_digits_after_the_last_equals(models):
 
 def test_diagnose_reports_every_rule_on_the_same_rollouts(models):
     r = diagnose(models, Sizes, n_rollouts=12, seed=3)
-    assert set(r["rules"]) == set(ALL_RULES)
+    assert set(r["rules"]) == set(BUILTIN_RULES)
     counts = r["counts"]
     assert counts["rollouts"] == 12 and 0 < counts["oracle_tokens"] <= counts["response_tokens"]
     assert counts["multi_tokens"] <= counts["oracle_tokens"]

@@ -156,18 +156,18 @@ def test_resume_after_sigkill_is_exact(tiny, tmp_path):
 def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     """Identical tokenizers: every chunk 1:1 and the target is the teacher's log-prob of the
     sampled token, i.e. the advantages of direct per-token OPD."""
+    from crossopd.build import build_sides
     from crossopd.opd import rollout_and_score
-    from crossopd.train import build_components
 
     cfg = load_config(None, [f"student.model={tiny['student']}",
                              f"teacher.model={tiny['same_teacher']}", "device=cpu",
                              "rollout.max_new_tokens=12", f"output_dir={tmp_path}"])
-    c = build_components(cfg)
+    student, teachers = build_sides(cfg)
     examples = load_examples("bundled:arith")[:4]
     torch.manual_seed(0)
-    s = rollout_and_score(c, examples, cfg.rollout, credit_rule=cfg.credit_rule)
+    s = rollout_and_score(student, teachers, examples, cfg.rollout, credit_rule=cfg.credit_rule)
     # direct OPD: the teacher scores the student's own sequence (same template, same ids)
-    direct = c.teacher.score(s.sequences, s.spans)
+    direct = teachers["teacher"].teacher.score(s.sequences, s.spans)
     for q, d in zip(s.targets, direct):
         assert not torch.isnan(q).any()
         np.testing.assert_allclose(q.numpy(), d, rtol=0, atol=1e-5)
@@ -265,7 +265,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     nothing is clipped on the first epoch."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from crossopd.opd import Scored, update
+    from crossopd.opd import update
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
@@ -278,11 +278,10 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     with torch.no_grad():
         old = [o.double() for o in score_sequences(model, seqs, spans)]
     targets = [o - 3.0 for o in old]  # large positive advantages would be clipped if ratio != 1
-    s = Scored(seqs, spans, old, targets, {})
-    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": nullcontext})()
+    s = _scored(seqs, spans, old, targets)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    out = update(c, s, opt, sched, LossConfig())
+    out = update(_student(model), s, opt, sched, LossConfig())
     assert out["clip_frac"] == 0.0
     assert out["loss"] == pytest.approx(3.0, abs=1e-6)  # -A * ratio with A = -3 and ratio = 1
 
@@ -293,7 +292,7 @@ def test_bf16_student_moves_its_weights_like_fp32(tiny, tmp_path):
     updating bf16 weights in place would lose most of them."""
     import copy
 
-    from crossopd.build import build_components
+    from crossopd.build import build_sides
     from crossopd.train import train
 
     moved = {}
@@ -306,11 +305,11 @@ def test_bf16_student_moves_its_weights_like_fp32(tiny, tmp_path):
                                  "rollout.max_new_tokens=8", "optim.lr=1e-5",
                                  f"output_dir={tmp_path / dtype}"])
         torch.manual_seed(0)
-        c = build_components(cfg)
-        before = copy.deepcopy({k: v.float() for k, v in c.student.state_dict().items()})
-        train(cfg, progress=False, components=c)
-        assert next(c.student.parameters()).dtype == torch.float32  # master weights
-        after = {k: v.float() for k, v in c.student.state_dict().items()}
+        student, teachers = build_sides(cfg)
+        before = copy.deepcopy({k: v.float() for k, v in student.model.state_dict().items()})
+        train(cfg, progress=False, sides=(student, teachers))
+        assert next(student.model.parameters()).dtype == torch.float32  # master weights
+        after = {k: v.float() for k, v in student.model.state_dict().items()}
         moved[dtype] = torch.cat([(after[k] - before[k]).flatten() for k in before])
     changed = (moved["bfloat16"] != 0).float().mean()
     assert changed > 0.9 * (moved["float32"] != 0).float().mean()
@@ -337,50 +336,73 @@ def test_evaluation_does_not_change_training_rollouts(tiny, tmp_path):
     assert len((tmp_path / "every" / "eval.jsonl").read_text().splitlines()) == 4
 
 
-def test_step_without_signal_keeps_the_schedule_in_lockstep():
-    """A step where no token has a signal (all overflowed, say) takes no optimizer step but
-    still advances the LR schedule, so schedule and step count never drift apart."""
+def _scored(seqs, spans, old, targets):
+    """A ``Scored`` for the update alone: sequences, rollout log-probs and targets."""
+    from crossopd.loss import advantages
+    from crossopd.opd import Scored
+
+    advs = [advantages(q, o) for q, o in zip(targets, old)]
+    return Scored(examples=[], sequences=seqs, spans=spans, old_logps=old, teacher_names=[],
+                  requests=[], alignments=[], teacher_logps=[], targets=targets,
+                  advantages=[a for a, _ in advs], signal=[v for _, v in advs], stats={})
+
+
+def _student(model):
+    """What ``update`` reads of a student side."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, pad_id=0, autocast=nullcontext)
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_schedule_counts_optimizer_steps_with_or_without_signal(epochs):
+    """The LR schedule counts optimizer steps: ``update_epochs`` per OPD step, also on a step
+    where no token has a signal (all overflowed, say), which takes no optimizer step; so after
+    N steps the schedule is at N x epochs whatever the rollouts were."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from crossopd.opd import Scored, update
+    from crossopd.opd import update
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
                                        n_head=2)).eval()
     seqs, spans = [[1, 2, 3, 4]], [(1, 4)]
-    s = Scored(seqs, spans, [torch.zeros(3, dtype=torch.float64)],
-               [torch.full((3,), float("nan"), dtype=torch.float64)], {})
-    c = type("C", (), {"student": model, "pad_id": 0, "student_autocast": nullcontext})()
+    old = [torch.full((3,), -2.0, dtype=torch.float64)]
+    empty = _scored(seqs, spans, old, [torch.full((3,), float("nan"), dtype=torch.float64)])
+    full = _scored(seqs, spans, old, [torch.full((3,), -1.0, dtype=torch.float64)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = update(c, s, opt, sched, LossConfig())
-    assert out["loss"] == 0.0 and sched.last_epoch == 1
+    out = update(_student(model), empty, opt, sched, LossConfig(), epochs=epochs)
+    assert out["loss"] == 0.0 and sched.last_epoch == epochs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    update(_student(model), full, opt, sched, LossConfig(), epochs=epochs)
+    assert sched.last_epoch == 2 * epochs
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("policy", ["penalize", "mask", "stop"])
 def test_special_token_mid_response_follows_the_policy(tiny, policy):
     """SmolLM2's <|endoftext|> (id 0) is not its end-of-turn: sampled mid-response it is penalized
     (advantage -special_penalty), masked, or ends the turn like the end-of-turn; always counted."""
-    from crossopd.build import build_components
-    from crossopd.loss import advantages
+    from crossopd.build import build_sides
     from crossopd.opd import score_rollouts
     from crossopd.prompts import Example
 
     cfg = load_config(None, [f"student.model={tiny['student']}", f"teacher.model={tiny['teacher']}",
                              *(f"teacher.{k}={v}" for k, v in PLAIN.items()), "device=cpu",
                              f"rollout.special_tokens={policy}", "rollout.special_penalty=3"])
-    c = build_components(cfg)
-    endoftext = c.student_tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert (endoftext in c.student_fmt.stop_ids) == (policy == "stop")
+    student, teachers = build_sides(cfg)
+    endoftext = student.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert (endoftext in student.fmt.stop_ids) == (policy == "stop")
     ex = Example([{"role": "user", "content": "What is 2 + 3?"}])
-    body = c.sv.encode_bytes(b"5, then")
-    response = np.array(body + [endoftext] + c.sv.encode_bytes(b" more"), dtype=np.int64)
+    body = student.vocab.encode_bytes(b"5, then")
+    response = np.array(body + [endoftext] + student.vocab.encode_bytes(b" more"),
+                        dtype=np.int64)
     k = len(body)  # index of the special token
-    s = score_rollouts(c, [ex], [c.student_fmt.prompt_ids(ex.messages)], [response],
-                       credit_rule="proportional", max_batch_tokens=4096,
+    s = score_rollouts(student, teachers, [ex], [student.fmt.prompt_ids(ex.messages)],
+                       [response], credit_rule="proportional", max_batch_tokens=4096,
                        special_penalty=cfg.rollout.special_token_penalty())
-    adv, valid = advantages(s.targets[0], s.old_logps[0], torch.ones(len(response), dtype=bool))
+    adv, valid = s.advantages[0], s.signal[0]
     if policy == "penalize":
         assert valid[k] and adv[k].item() == pytest.approx(-3.0)
         assert s.stats["penalized_special_tokens"] == 1 and s.stats["masked_special_tokens"] == 0
@@ -391,6 +413,6 @@ def test_special_token_mid_response_follows_the_policy(tiny, policy):
     # the KL statistics count teacher-scored tokens only, never a penalized or masked special
     assert s.stats["signal_tokens"] == int(valid.sum()) - int(policy == "penalize")
     if policy == "stop":  # a sample that ends on it gets a stop chunk, as at the end-of-turn
-        s = score_rollouts(c, [ex], [c.student_fmt.prompt_ids(ex.messages)],
+        s = score_rollouts(student, teachers, [ex], [student.fmt.prompt_ids(ex.messages)],
                            [response[: k + 1]], credit_rule="proportional", max_batch_tokens=4096)
         assert s.stats["stop_chunks"] == 1 and s.stats["masked_special_tokens"] == 0

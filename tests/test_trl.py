@@ -65,53 +65,52 @@ def _trl_config(tiny: dict, out: Path, *extra: str):
 def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
     """Same models, same sampled ids: the native step library recomputes the rollout log-probs,
     the credit and the advantages itself and gets TRL's; one SGD update gives the same weights."""
-    from crossopd.build import build_components
+    from crossopd.build import build_sides
+    from crossopd.engines.trl import opd_args
     from crossopd.hub import load_hf_model
-    from crossopd.integrations.trl import OPDTrainer, as_dataset, grpo_args
+    from crossopd.integrations.trl import OPDTrainer, as_dataset, examples_of
     from crossopd.opd import score_rollouts, update
-    from crossopd.prompts import Example
 
     cfg = _trl_config(tiny, tmp_path, "optim.lr=0.5", "trl={optim: sgd}")
     torch.manual_seed(0)
-    c = build_components(cfg)
-    start = copy.deepcopy(c.student.state_dict())
-    trainer = OPDTrainer(model=c.student, args=grpo_args(cfg, 1),
+    student, teachers = build_sides(cfg)
+    start = copy.deepcopy(student.model.state_dict())
+    trainer = OPDTrainer(model=student.model, args=opd_args(cfg, 1),
                          train_dataset=as_dataset(load_examples("bundled:arith")[:8]),
-                         processing_class=c.student_tokenizer, components=c)
+                         processing_class=student.tokenizer, teachers=teachers,
+                         student_format=student.fmt)
     seen: dict = {}
-    generate_and_score = trainer._generate_and_score_completions
+    score_batch = trainer.score_batch
 
-    def capture(inputs):
-        out = generate_and_score(inputs)
+    def capture(out, inputs, rollout_s):
+        out = score_batch(out, inputs, rollout_s)
         seen.update(inputs=inputs, out={k: v.detach().clone() for k, v in out.items()})
         return out
 
-    trainer._generate_and_score_completions = capture
+    trainer.score_batch = capture
     trainer.train()
 
     out = seen["out"]
     lengths = out["completion_mask"].sum(1).tolist()
     responses = [row[:n].numpy() for row, n in zip(out["completion_ids"], lengths)]
     prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
-    examples = [Example(list(r["prompt"]), r.get("answer")) for r in seen["inputs"]]
+    examples = examples_of(seen["inputs"])
     native = load_hf_model(tiny["student"])
     native.load_state_dict(start)
-    cn = dataclasses.replace(c, student=native)
-    scored = score_rollouts(cn, examples, prompts, responses, credit_rule=cfg.credit_rule,
+    sn = dataclasses.replace(student, model=native)
+    scored = score_rollouts(sn, teachers, examples, prompts, responses,
+                            credit_rule=cfg.credit_rule,
                             max_batch_tokens=cfg.max_batch_tokens)  # old log-probs: native
     assert scored.stats["signal_tokens"] > 0
-    from crossopd.loss import advantages
-
-    for i, (q, old) in enumerate(zip(scored.targets, scored.old_logps)):
-        adv, valid = advantages(q, old, torch.ones(len(old), dtype=torch.bool), cfg.loss.adv_clamp)
-        np.testing.assert_allclose(out["advantages"][i, : len(old)].numpy(), adv.numpy(),
-                                   atol=1e-4)
-        assert out["tool_mask"][i, : len(old)].bool().tolist() == valid.tolist()
-        assert not out["advantages"][i, len(old):].any()
+    for i, (adv, valid) in enumerate(zip(scored.advantages, scored.signal)):
+        n = len(adv)
+        np.testing.assert_allclose(out["advantages"][i, :n].numpy(), adv.numpy(), atol=1e-4)
+        assert out["tool_mask"][i, :n].bool().tolist() == valid.tolist()
+        assert not out["advantages"][i, n:].any()
 
     opt = torch.optim.SGD(native.parameters(), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    update(cn, scored, opt, sched, cfg.loss, grad_clip=cfg.optim.grad_clip)
+    update(sn, scored, opt, sched, cfg.loss, grad_clip=cfg.optim.grad_clip)
     trained = dict(trainer.model.named_parameters())
     moved = 0.0
     for name, p in native.named_parameters():
@@ -203,15 +202,15 @@ def test_engine_config_errors_name_the_fix(overrides, message):
 
 
 def test_trl_engine_batch_errors_before_any_model_loads(tmp_path):
-    from crossopd.integrations.trl import grpo_args
+    from crossopd.engines.trl import opd_args
 
     one = load_config(None, ["teacher.model=smollm2", "engine=trl"])
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
-        grpo_args(one, 1)
+        opd_args(one, 1)
     odd = load_config(None, ["teacher.model=smollm2", "engine=trl", "batch_size=3",
                              "rollout.samples_per_prompt=2"])
     with pytest.raises(ConfigError, match="divide evenly over 4 processes"):
-        grpo_args(odd, 4)
+        opd_args(odd, 4)
 
 
 @pytest.mark.parametrize("name,world", [("paper_qwen3_8b_teacher_llama31_8b_student.yaml", 6),
@@ -219,11 +218,11 @@ def test_trl_engine_batch_errors_before_any_model_loads(tmp_path):
 def test_gpu_examples_validate_into_grpo_configs(name, world, tmp_path):
     """The shipped GPU configs load, validate and map onto a GRPOConfig for their GPU count
     (no model is downloaded; the data file is the user's, so a bundled one stands in)."""
-    from crossopd.integrations.trl import grpo_args
+    from crossopd.engines.trl import opd_args
 
     path = Path(__file__).parents[1] / "examples" / name
     cfg = load_config(path, ["data.path=bundled:arith", f"output_dir={tmp_path}"])
-    args = grpo_args(cfg, world)
+    args = opd_args(cfg, world)
     assert cfg.engine == "trl" and cfg.rollout.backend == "vllm" and args.use_vllm
     assert (args.epsilon, args.epsilon_high, args.delta, args.beta) == (0.2, 0.28, 10.0, 0.0)
     assert args.loss_type == "dapo" and args.learning_rate == cfg.optim.lr

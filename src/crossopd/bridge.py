@@ -52,10 +52,11 @@ class TeacherContext:
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatFormat:
     """One side's prompt format: render messages to text, tokenize the prompt, and the marker
-    that ends an assistant turn (found generically from the template)."""
+    that ends an assistant turn (found generically from the template). Complete when built:
+    the context and every id that ends a sampled turn are given to ``from_tokenizer``."""
 
     name: str
     render_fn: Callable[[list[Message], bool], str]
@@ -63,9 +64,8 @@ class ChatFormat:
     end_of_turn: str
     end_of_turn_ids: list[int]
     bos_ids: list[int] = field(default_factory=list)
-    stop_ids: set[int] = field(default_factory=set)  # student ids that end a sampled turn
+    stop_ids: frozenset[int] = frozenset()  # student ids that end a sampled turn
     max_length: int | None = None
-    has_chat_template: bool = True
     # whitespace the format puts between the generation prompt and an assistant turn's content
     # (the plain format's " " after "Answer:"); the teacher's prefix includes it
     seam: str = ""
@@ -91,13 +91,16 @@ class ChatFormat:
         stop: str | None = None,
         name: str = "",
         eos_ids: Iterable[int] = (),
+        max_length: int | None = None,
     ) -> ChatFormat:
         """From a Hugging Face tokenizer. Without a chat template (a base model) a plain template
         such as ``"Question: {prompt}\\nAnswer:"`` and a ``stop`` string are required.
 
         ``stop_ids`` (what ends a sampled turn): the end-of-turn marker when it is one token,
         special or not (Gemma's ``<end_of_turn>`` is not), the special tokens of a longer marker,
-        the tokenizer's EOS, and ``eos_ids`` (a model's generation-config EOS list)."""
+        the tokenizer's EOS, and ``eos_ids`` (a model's generation-config EOS list, or every
+        special id when special tokens end the turn). ``max_length``: the model's context
+        (default: the tokenizer's ``model_max_length``)."""
         name = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
         def tokenize(text: str) -> list[int]:
@@ -123,7 +126,11 @@ class ChatFormat:
                     "a plain template needs a stop string (what ends the answer, e.g. "
                     f"'\\n\\nQuestion:' or the EOS token {tokenizer.eos_token!r})"
                 )
-            render = _plain_renderer(plain_template, stop)
+            plain = _plain_renderer(plain_template, stop)
+
+            def render(messages: list[Message], gen: bool) -> str:
+                return plain(messages)  # a plain prompt always ends where the answer starts
+
             end = stop
         else:
             raise TemplateError(
@@ -140,7 +147,7 @@ class ChatFormat:
         if tokenizer.eos_token_id is not None:
             stop_ids.add(int(tokenizer.eos_token_id))
         stop_ids.update(int(i) for i in eos_ids)
-        max_len = getattr(tokenizer, "model_max_length", None)
+        max_len = max_length or getattr(tokenizer, "model_max_length", None)
         return cls(
             name=name,
             render_fn=render,
@@ -148,9 +155,8 @@ class ChatFormat:
             end_of_turn=end,
             end_of_turn_ids=end_ids,
             bos_ids=_bos_ids(tokenizer),
-            stop_ids=stop_ids,
+            stop_ids=frozenset(stop_ids),
             max_length=max_len if max_len and max_len < 10**9 else None,
-            has_chat_template=has_template,
             seam=_discover_seam(render),
         )
 
@@ -206,8 +212,8 @@ def response_overlap(prefix: bytes, response: bytes, student_prompt: bytes,
     return 0
 
 
-def _plain_renderer(template: str, stop: str) -> Callable[[list[Message], bool], str]:
-    def render(messages: list[Message], gen: bool) -> str:
+def _plain_renderer(template: str, stop: str) -> Callable[[list[Message]], str]:
+    def render(messages: list[Message]) -> str:
         parts: list[str] = []
         system = [m["content"] for m in messages if m["role"] == "system"]
         if system:
@@ -262,13 +268,11 @@ def build_teacher_request(
     tv: ByteVocab,
     context: TeacherContext | None = None,
     reference: str | None = None,
-    max_length: int | None = None,
 ) -> TeacherRequest:
     """Teacher ids = teacher's own prompt (and seam) + the response bytes + its end-of-turn marker
     (only when the student ended its turn). Never re-tokenizes the student's ids. Response bytes
-    that the teacher's prefix already ends with are scored once (``response_overlap``).
-    ``max_length`` (the teacher model's context; default the tokenizer's) marks longer requests
-    as overflowed."""
+    that the teacher's prefix already ends with are scored once (``response_overlap``). A request
+    longer than the teacher format's ``max_length`` (its context) is marked overflowed."""
     resp = sv.check_ids(student_response, "student")
     stop_index = None
     if resp.size and int(resp[-1]) in student.stop_ids:
@@ -301,8 +305,7 @@ def build_teacher_request(
             t_resp, lead = t_resp[n_seam:], lead[int(ends[n_seam - 1]):]
     stop = list(teacher.end_of_turn_ids) if stop_index is not None else []
     ids = prompt + t_resp + stop
-    limit = max_length or teacher.max_length
-    overflow = limit is not None and len(ids) > limit
+    overflow = teacher.max_length is not None and len(ids) > teacher.max_length
     return TeacherRequest(
         teacher_ids=ids,
         response_start=len(prompt),

@@ -1,5 +1,5 @@
-"""The student, the teacher and both prompt formats from a ``TrainConfig``: what every engine
-(the native recipe, the TRL integration) loads before its first step."""
+"""The student side and the teacher sides from a ``TrainConfig``: what every engine loads before
+its first step, and the run's data splits."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 from crossopd.bridge import ChatFormat, TeacherContext, TemplateError
 from crossopd.config import ConfigError, TrainConfig, resolve_api_key
 from crossopd.hub import load_hf_model, load_hf_tokenizer
-from crossopd.opd import Components, generation_eos
 from crossopd.prompts import Example, load_examples
 from crossopd.scoring import check_head
+from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide, generation_eos, one_teacher
 from crossopd.teachers.probe import check_teacher_server
+from crossopd.tokens import ByteVocab
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,30 +29,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None) -> Components:
-    """The student's weights load in float32 (master weights; ``student.dtype`` is its compute
-    dtype, applied by autocast) unless ``student_dtype`` says otherwise (a frozen LoRA base).
-    Tokenizers, prompt formats and the teacher server are checked before any model loads."""
+def build_sides(cfg: TrainConfig, student_dtype: torch.dtype | None = None
+                ) -> tuple[StudentSide, dict[str, TeacherSide]]:
+    """The student and the run's teachers, complete. The student's weights load in float32
+    (master weights; ``student.dtype`` is its compute dtype, applied by autocast) unless
+    ``student_dtype`` says otherwise (a frozen LoRA base). Tokenizers, prompt formats and the
+    teacher servers are checked before any model loads."""
     device = resolve_device(cfg.device)
-    dtype = student_dtype or torch.float32
     t_cfg = cfg.teacher
     api_key = resolve_api_key(t_cfg.api_key) or ""
     if t_cfg.urls:
-        check_teacher_server(t_cfg.urls, t_cfg.served_name, api_key)
+        check_teacher_server(t_cfg.urls, t_cfg.served_name, api_key,
+                             patience_s=t_cfg.patience_s)
     t_src = t_cfg.model or t_cfg.served_name or ""
     s_tok = load_hf_tokenizer(cfg.student.model)
     t_tok = load_hf_tokenizer(t_cfg.tokenizer or t_src)
-    teacher_fmt = _format(t_tok, "teacher", t_src, plain_template=t_cfg.plain_template,
-                          stop=t_cfg.stop)
-    _format(s_tok, "student", cfg.student.model)  # fails now, not after loading the models
-    student = load_hf_model(cfg.student.model, dtype=dtype, device=str(device))
-    check_head(student)
-    student_fmt = _format(s_tok, "student", cfg.student.model, eos_ids=generation_eos(student))
+    _format(t_tok, "teacher", t_src, plain_template=t_cfg.plain_template, stop=t_cfg.stop)
+    _format(s_tok, "student", cfg.student.model)  # both fail now, not after loading the models
+    student = build_student(cfg, s_tok, device, student_dtype)
     if t_cfg.model:
         from crossopd.teachers.hf import HFTeacher
 
         teacher = HFTeacher(load_hf_model(t_cfg.model, device=str(device)),
                             max_batch_tokens=cfg.max_batch_tokens)
+        limit = t_cfg.max_length or teacher.max_length  # the configured context or the model's
     else:
         from crossopd.teachers.http import HTTPTeacher
 
@@ -59,17 +60,40 @@ def build_components(cfg: TrainConfig, student_dtype: torch.dtype | None = None)
                               retries=t_cfg.retries, max_length=t_cfg.max_length,
                               first_url=int(os.environ.get("RANK", 0)), api_key=api_key,
                               patience_s=t_cfg.patience_s)
-    # HTTP: the server's limit (configured context or its /v1/models, minus the one token a
-    # scoring request asks for); in process: the configured context or the model's
-    limit = teacher.max_length if t_cfg.urls else t_cfg.max_length or teacher.max_length
-    teacher_fmt.max_length = limit or teacher_fmt.max_length
-    c = Components.from_tokenizers(student, s_tok, teacher, t_tok, student_fmt=student_fmt,
-                                   teacher_fmt=teacher_fmt,
-                                   context=TeacherContext(system=t_cfg.system))
-    c.compute_dtype = getattr(torch, cfg.student.dtype)
-    if cfg.rollout.special_tokens == "stop":
-        c.student_fmt.stop_ids |= {int(i) for i in np.flatnonzero(c.sv.special)}
-    return c
+        # the server's limit: the configured context or its /v1/models, minus the one token a
+        # scoring request asks for
+        limit = teacher.max_length
+    teacher_fmt = _format(t_tok, "teacher", t_src, plain_template=t_cfg.plain_template,
+                          stop=t_cfg.stop, max_length=limit)
+    side = TeacherSide(name=DEFAULT_TEACHER, teacher=teacher, fmt=teacher_fmt,
+                       vocab=ByteVocab.from_pretrained(t_tok),
+                       context=TeacherContext(system=t_cfg.system))
+    return student, one_teacher(side)
+
+
+def hf_pair(student: Any, student_tokenizer: Any, teacher: Any, teacher_tokenizer: Any
+            ) -> tuple[StudentSide, dict[str, TeacherSide]]:
+    """A student and one in-process teacher from loaded HF models and tokenizers, each side in
+    its tokenizer's own chat template (the benchmarks' and the tests' pairs)."""
+    from crossopd.teachers.hf import HFTeacher
+
+    side = TeacherSide.from_tokenizer(HFTeacher(teacher), teacher_tokenizer)
+    return StudentSide.from_model(student, student_tokenizer), one_teacher(side)
+
+
+def build_student(cfg: TrainConfig, tokenizer: Any, device: torch.device,
+                  dtype: torch.dtype | None = None) -> StudentSide:
+    """The student model with its format: turns end on its template's end-of-turn, its
+    generation-config EOS ids and, with ``rollout.special_tokens: stop``, any special token."""
+    model = load_hf_model(cfg.student.model, dtype=dtype or torch.float32, device=str(device))
+    check_head(model)
+    vocab = ByteVocab.from_pretrained(tokenizer)
+    extra = np.flatnonzero(vocab.special).tolist() if cfg.rollout.special_tokens == "stop" \
+        else []
+    fmt = _format(tokenizer, "student", cfg.student.model,
+                  eos_ids=[*generation_eos(model), *extra])
+    return StudentSide.from_model(model, tokenizer, fmt=fmt, vocab=vocab,
+                                  compute_dtype=getattr(torch, cfg.student.dtype))
 
 
 def _format(tokenizer: Any, role: str, name: str, **kwargs: Any) -> ChatFormat:

@@ -42,8 +42,7 @@ def save(out_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
             tokenizer.save_pretrained(str(tmp))
         torch.save({"step": step, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
-        digests = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / DIGESTS).write_text(json.dumps(digests, indent=1))
+        write_digests(tmp)
 
     try:
         target = atomic_dir_write(step_dir(out_dir, step), write)
@@ -66,6 +65,14 @@ def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def write_digests(path: Path) -> None:
+    """``digests.json``: the SHA-256 of every file under ``path`` (names relative to it), so a
+    resume can tell a complete checkpoint from a truncated or corrupted one."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != DIGESTS)
+    digests = {p.relative_to(path).as_posix(): sha256(p) for p in files}
+    (Path(path) / DIGESTS).write_text(json.dumps(digests, indent=1))
 
 
 def sha256(path: Path) -> str:
@@ -98,9 +105,14 @@ def verify(path: Path) -> str | None:
 def save_final(out_dir: Path, model: Any, tokenizer: Any) -> Path:
     """``out_dir/final``: the trained student as a complete HF model directory (weights, config,
     generation config, tokenizer, chat template) for ``AutoModelForCausalLM``, ``AutoTokenizer``
-    and ``vllm serve``; written atomically."""
+    and ``vllm serve``; written atomically. A PEFT model is saved merged (it loads without
+    peft), its adapter in ``final/adapter``."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        merged = model
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(str(tmp / "adapter"))
+            merged = model.merge_and_unload()
+        merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
 
     target = Path(out_dir) / "final"

@@ -114,14 +114,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     progress = not args.no_progress and not args.json
     quiet_hf()
-    if cfg.engine == "trl":
-        from crossopd.integrations.trl import train_trl
-
-        result = train_trl(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
-        if int(os.environ.get("RANK", 0)) != 0:
-            return 0  # one process reports
-    else:
-        result = train(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
+    result = train(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # one process reports
     print(json.dumps(result) if args.json else render_result(result))
     return 0
 

@@ -7,6 +7,7 @@ prompts and stop markers each side will actually see.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -144,7 +145,8 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
                         "get no teacher signal")
     server = check_teacher_url(teacher_url, served_name, warnings) if teacher_url else None
     if server and server.get("max_model_len") and t_fmt:
-        t_fmt.max_length = int(server["max_model_len"]) - 1  # a scoring request asks for one
+        # a scoring request asks for one token beyond the prompt
+        t_fmt = dataclasses.replace(t_fmt, max_length=int(server["max_model_len"]) - 1)
     data_info = check_data(data, s_fmt, t_fmt, warnings) if data else None
     costs = None
     if scorer is not None and s_fmt and t_fmt:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crossopd.build import build_components, load_splits
+from crossopd.build import build_sides, load_splits
 from crossopd.config import TrainConfig, load_config
-from crossopd.opd import evaluate
+from crossopd.lifecycle import heldout_eval
 
 
 def run_config_for(student: str) -> Path | None:
@@ -35,10 +35,8 @@ def eval_config(student: str, config: str | Path | None, overrides: list[str],
 
 def eval_student(cfg: TrainConfig, samples: int = 3) -> dict:
     _, heldout = load_splits(cfg)
-    c = build_components(cfg)
-    result = evaluate(c, heldout, cfg.rollout, seed=cfg.seed + 10_007,
-                      credit_rule=cfg.credit_rule, max_batch_tokens=cfg.max_batch_tokens,
-                      samples=samples, samples_per_prompt=cfg.eval_samples)
+    student, teachers = build_sides(cfg)
+    result = heldout_eval(cfg, student, teachers, heldout, samples=samples)
     return {"student": cfg.student.model, "prompts": len(heldout), **result}
 
 

@@ -1,9 +1,9 @@
 """The OPD policy loss: PPO-clip with dual clip over per-token advantages, token-mean.
 
 ``A_i = clamp(q_i - log p_i, -adv_clamp, adv_clamp)`` where ``q_i`` is the chunk credit target
-and ``log p_i`` the rollout-time log-prob. Unaligned / masked tokens (``mask == False`` or a NaN
-target) have no advantage and do not count in the token mean. With one update per rollout
-``ratio == 1`` and this is REINFORCE with the per-token reverse-KL reward.
+and ``log p_i`` the rollout-time log-prob. Tokens without a signal (a NaN target: unaligned,
+masked, overflowed) have no advantage and do not count in the token mean. With one update per
+rollout ``ratio == 1`` and this is REINFORCE with the per-token reverse-KL reward.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ class LossConfig:
     adv_clamp: float = 10.0
 
 
-def advantages(targets: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+def advantages(targets: torch.Tensor, old_logps: torch.Tensor,
                adv_clamp: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantage, valid mask): zero advantage and invalid where masked or unaligned."""
-    valid = mask & ~torch.isnan(targets)
+    """(advantage, signal mask), both shaped like ``targets``: zero advantage and no signal where
+    the target is NaN."""
+    valid = ~torch.isnan(targets)
     adv = torch.where(valid, targets - old_logps, torch.zeros_like(old_logps))
     return adv.clamp(-adv_clamp, adv_clamp), valid
 

@@ -19,6 +19,7 @@ class Example:
     messages: list[Message]
     answer: str | None = None
     reference: str | None = None  # teacher-only context
+    teacher: str | None = None  # the teacher that scores it (None: the run's first)
 
 
 def resolve_path(path: str) -> Path:

@@ -48,13 +48,13 @@ from crossopd.bench.learn_task import (
     train_teacher_tokenizer,
 )
 from crossopd.bench.oracle import diagnose, identity_check
+from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
 from crossopd.credit import BUILTIN_RULES
 from crossopd.files import atomic_dir_write, cache_dir
 from crossopd.loss import LossConfig
-from crossopd.opd import Components, rollout_and_score, update
+from crossopd.opd import rollout_and_score, update
 from crossopd.prompts import Example
-from crossopd.teachers.hf import HFTeacher
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")
@@ -239,7 +239,7 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int
     student, s_tok = models["student"]
     student = copy.deepcopy(student)
     teacher, t_tok = models[teacher_key]
-    c = Components.from_tokenizers(student, s_tok, HFTeacher(teacher), t_tok)
+    s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
     rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
     opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -249,8 +249,8 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int
     while tokens < preset.budget_tokens:
         batch = [Example([{"role": "user", "content": p}], str(a))
                  for p, _, a in rng.sample(train_set, preset.opd_batch)]
-        scored = rollout_and_score(c, batch, rollout, credit_rule=rule)
-        update(c, scored, opt, sched, LossConfig())
+        scored = rollout_and_score(s_side, teachers, batch, rollout, credit_rule=rule)
+        update(s_side, scored, opt, sched, LossConfig())
         tokens += int(scored.stats["response_tokens"])
         shares.append(scored.stats["one_to_one_share"])
         while points and tokens >= points[0]:

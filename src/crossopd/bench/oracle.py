@@ -30,21 +30,15 @@ import torch
 
 from crossopd.align import Alignment
 from crossopd.bench.learn_task import make_split
-from crossopd.bridge import TeacherRequest, align_bridged
+from crossopd.bridge import TeacherRequest
+from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
-from crossopd.credit import ALL_RULES
+from crossopd.credit import BUILTIN_RULES
 from crossopd.loss import LossConfig
-from crossopd.opd import (
-    Components,
-    Scored,
-    sample_rollouts,
-    score_requests,
-    score_rollouts,
-    teacher_requests,
-)
+from crossopd.opd import Scored, credit_targets, sample_rollouts, score_rollouts
 from crossopd.prompts import Example
 from crossopd.scoring import token_budget_batches
-from crossopd.teachers.hf import HFTeacher
+from crossopd.sides import StudentSide, TeacherSide
 from crossopd.tokens import ByteVocab
 
 # [len(seq), V] next-token log-probs after every prefix seq[:j + 1], one array per sequence
@@ -231,8 +225,8 @@ class TaskSizes(Protocol):
     def max_new_tokens(self) -> int: ...
 
 
-def sample_problems(c: Components, preset: TaskSizes, n_rollouts: int, seed: int
-              ) -> tuple[list[Example], list[list[int]], list[np.ndarray], RolloutConfig]:
+def sample_problems(student: StudentSide, preset: TaskSizes, n_rollouts: int, seed: int
+                    ) -> tuple[list[Example], list[list[int]], list[np.ndarray], RolloutConfig]:
     """Student samples on ``n_rollouts`` training problems, from their own RNG stream (the same
     problems and samples for the same student, preset and seed)."""
     train = make_split(preset.n_train, 1, digits=preset.digits)
@@ -242,31 +236,20 @@ def sample_problems(c: Components, preset: TaskSizes, n_rollouts: int, seed: int
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        exs, prompts, responses = sample_rollouts(c, examples, rollout)
+        exs, prompts, responses = sample_rollouts(student, examples, rollout)
     return exs, prompts, responses, rollout
 
 
-def bridge_and_score(c: Components, exs: Sequence[Example], responses: Sequence[np.ndarray]
-            ) -> tuple[list[TeacherRequest], list[Alignment], list[np.ndarray | None]]:
-    """Teacher requests, alignments and teacher log-probs, with the pieces ``score_rollouts``
-    uses (None: overflowed or empty, no teacher signal)."""
-    reqs = teacher_requests(c, exs, responses)
-    found = score_requests(c, reqs)
-    t_lps = [found.get(i) for i in range(len(reqs))]
-    return reqs, [align_bridged(q, c.sv, c.tv) for q in reqs], t_lps
-
-
-def _score_rules(c: Components, exs: Sequence[Example], prompts: Sequence[list[int]],
-                 responses: Sequence[np.ndarray], rollout: RolloutConfig) -> dict[str, Scored]:
-    """Every rule's targets on the same rollouts (the student log-probs computed once)."""
-    out: dict[str, Scored] = {}
-    for rule in ALL_RULES:
-        first = next(iter(out.values()), None)
-        out[rule] = score_rollouts(
-            c, exs, prompts, responses, credit_rule=rule, temperature=rollout.temperature,
-            max_batch_tokens=8192, old_logps=first.old_logps if first else None,
-            special_penalty=rollout.special_token_penalty())
-    return out
+def rule_targets(scored: Scored, student: StudentSide, teacher: TeacherSide,
+                 rollout: RolloutConfig) -> dict[str, list[np.ndarray]]:
+    """Every built-in rule's targets on the same scored rollouts: the teacher's log-probs, the
+    alignments and the rollout log-probs are read from ``scored``, never computed again."""
+    penalty = rollout.special_token_penalty()
+    return {rule: [credit_targets(q, lp, o.numpy(), student.vocab, teacher.vocab, rule=rule,
+                                  special_penalty=penalty, alignment=a).targets
+                   for q, lp, o, a in zip(scored.requests, scored.teacher_logps,
+                                          scored.old_logps, scored.alignments)]
+            for rule in BUILTIN_RULES}
 
 
 def answer_tokens(sv: ByteVocab, response: np.ndarray) -> np.ndarray:
@@ -298,15 +281,19 @@ def _share(hit: np.ndarray) -> float | None:  # a mean; None without data
 
 
 def _rollouts(models: dict[str, tuple[Any, Any]], teacher_key: str, preset: TaskSizes,
-              n_rollouts: int, seed: int) -> tuple:
-    """Student rollouts scored by one teacher: the pieces both checks below read."""
+              n_rollouts: int, seed: int) -> tuple[StudentSide, TeacherSide, list[np.ndarray],
+                                                   Scored, dict[str, list[np.ndarray]]]:
+    """Student rollouts scored once by one teacher, and every rule's targets on them: the
+    pieces both checks below read."""
     student, s_tok = models["student"]
     teacher, t_tok = models[teacher_key]
-    c = Components.from_tokenizers(student, s_tok, HFTeacher(teacher), t_tok)
-    exs, prompts, responses, rollout = sample_problems(c, preset, n_rollouts, seed)
-    reqs, aligns, t_lps = bridge_and_score(c, exs, responses)
-    scored = _score_rules(c, exs, prompts, responses, rollout)
-    return c, responses, reqs, aligns, t_lps, scored
+    s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
+    t_side = next(iter(teachers.values()))
+    exs, prompts, responses, rollout = sample_problems(s_side, preset, n_rollouts, seed)
+    scored = score_rollouts(s_side, teachers, exs, prompts, responses,
+                            temperature=rollout.temperature,
+                            special_penalty=rollout.special_token_penalty())
+    return s_side, t_side, responses, scored, rule_targets(scored, s_side, t_side, rollout)
 
 
 def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: int = 64,
@@ -319,20 +306,21 @@ def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: 
     share of response tokens with no signal (advantage NaN or exactly 0). A statistic without
     data (or a constant side for a correlation) is None."""
     t0 = time.perf_counter()
-    c, responses, reqs, aligns, t_lps, scored = _rollouts(models, "teacher_x", preset,
-                                                          n_rollouts, seed)
-    teacher = models["teacher_x"][0]
-    logprobs = PrefixLogprobs.from_model(teacher)
-    oracle = rollout_oracle(logprobs, c.sv, c.tv, reqs, aligns, t_lps)
+    s_side, t_side, responses, scored, targets = _rollouts(models, "teacher_x", preset,
+                                                           n_rollouts, seed)
+    sv, tv = s_side.vocab, t_side.vocab
+    aligns, t_lps = scored.alignments, scored.teacher_logps
+    logprobs = PrefixLogprobs.from_model(models["teacher_x"][0])
+    oracle = rollout_oracle(logprobs, sv, tv, scored.requests, aligns, t_lps)
     clamp = LossConfig().adv_clamp
-    old = np.concatenate([o.numpy() for o in scored[ALL_RULES[0]].old_logps])
+    old = np.concatenate([o.numpy() for o in scored.old_logps])
     adv_o = np.clip(np.concatenate(oracle) - old, -clamp, clamp)
     has = ~np.isnan(adv_o)
     multi = has & ~np.concatenate([_one_to_one_tokens(a) for a in aligns])
-    answer = has & np.concatenate([answer_tokens(c.sv, r) for r in responses])
+    answer = has & np.concatenate([answer_tokens(sv, r) for r in responses])
     gaps = []  # log f(chunk bytes) - L_T: teacher mass on spellings other than its own
     for a, o, t_lp, r in zip(aligns, oracle, t_lps, responses):
-        ok = ~np.isnan(o) & (a.student_chunk >= 0) & (c.sv.lengths[r] > 0)  # no stop chunk
+        ok = ~np.isnan(o) & (a.student_chunk >= 0) & (sv.lengths[r] > 0)  # no stop chunk
         if t_lp is not None and ok.any():
             f = np.bincount(a.student_chunk[ok], weights=o[ok], minlength=a.num_chunks)
             t_ok = a.teacher_chunk >= 0
@@ -340,8 +328,8 @@ def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: 
             chunks = np.unique(a.student_chunk[ok])
             gaps.append(f[chunks] - lt[chunks])
     rules = {}
-    for rule, s in scored.items():
-        adv = np.clip(np.concatenate([q.numpy() for q in s.targets]) - old, -clamp, clamp)
+    for rule, qs in targets.items():
+        adv = np.clip(np.concatenate(qs) - old, -clamp, clamp)
         rules[rule] = {
             "pearson_all": _pearson(adv[has], adv_o[has]),
             "pearson_multi": _pearson(adv[multi], adv_o[multi]),
@@ -351,7 +339,7 @@ def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: 
             "mean_abs_diff_multi": _share(np.abs(adv[multi] - adv_o[multi])),
             "no_signal_share": _share(np.isnan(adv) | (adv == 0)),
         }
-    stats = scored[ALL_RULES[0]].stats
+    stats = scored.stats
     gap = np.concatenate(gaps) if gaps else np.zeros(0)
     return {
         "rules": rules,
@@ -373,21 +361,21 @@ def identity_check(models: dict[str, tuple[Any, Any]], preset: TaskSizes,
     spells the student's vocabulary. Every chunk must be 1:1 and every rule's target the
     teacher's log-prob of the token, bit for bit: ``exact`` (``max_abs_diff`` 0.0 for every
     rule)."""
-    _, responses, _, aligns, t_lps, scored = _rollouts(models, "teacher_s", preset, n_rollouts,
-                                                        seed)
-    diffs = dict.fromkeys(ALL_RULES, 0.0)
+    _, _, responses, scored, targets = _rollouts(models, "teacher_s", preset, n_rollouts, seed)
+    aligns, t_lps = scored.alignments, scored.teacher_logps
+    diffs = dict.fromkeys(targets, 0.0)
     aligned = 0
     for r, (a, t_lp) in enumerate(zip(aligns, t_lps)):
         s_ok, t_ok = a.student_chunk >= 0, a.teacher_chunk >= 0
         if t_lp is None or not s_ok.any():
             continue
         aligned += int(s_ok.sum())
-        for rule, s in scored.items():
-            q = s.targets[r].numpy()[s_ok]
+        for rule, qs in targets.items():
+            q = qs[r][s_ok]
             d = np.abs(q - t_lp[t_ok]).max() if q.size == t_ok.sum() else np.inf
             diffs[rule] = max(diffs[rule], float(d))
     chunks = sum(a.num_chunks for a in aligns)
     one = sum(a.counts["one_to_one_chunks"] for a in aligns)
     return {"rollouts": len(responses), "chunks": chunks, "one_to_one_chunks": one,
-            "aligned_tokens": aligned, "coverage": float(scored[ALL_RULES[0]].stats["coverage"]),
+            "aligned_tokens": aligned, "coverage": float(scored.stats["coverage"]),
             "max_abs_diff": diffs, "exact": one == chunks and max(diffs.values()) == 0.0}

@@ -1,45 +1,47 @@
-"""Engine ``trl``: crossopd's OPD objective inside TRL's ``GRPOTrainer``.
+"""crossopd inside TRL: ``OPDTrainer`` is ``GRPOTrainer`` with per-token advantages from a
+teacher of any family.
 
-TRL brings what a multi-GPU run needs (accelerate / DeepSpeed / FSDP, PEFT LoRA, vLLM rollouts,
-gradient checkpointing, its logging and checkpoints); crossopd brings the per-token advantage.
-``OPDTrainer`` lets TRL sample, then replaces GRPO's group-relative sequence advantage with
-crossopd's: bridge each conversation to the teacher's own format, score the response bytes with
-any crossopd teacher, align (DPCA), assign credit on the rollout log-probs, and
-``A = clamp(q - old logp)``. Tokens without a signal are removed from the loss mask (not from the
+TRL samples; crossopd then bridges each conversation to the teacher's own prompt format, scores
+the response bytes with the teacher, aligns (DPCA), assigns credit on the rollout log-probs and
+writes ``A = clamp(q - old logp)``. Tokens without a signal leave the loss mask (not the
 attention mask), so the token mean runs over signal tokens exactly as in the native engine.
+Built like a ``GOLDTrainer``::
 
-The mapping of config keys to ``GRPOConfig`` is in ``grpo_args`` and docs/scale.md.
+    trainer = OPDTrainer(model="smollm2", teacher="gemma3-270m", args=OPDConfig(...),
+                         train_dataset=dataset)
+
+The YAML engine (``engine: trl``) builds this same class (``crossopd.engines.trl``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import time
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from crossopd import rundir
-from crossopd.build import build_components, load_splits
-from crossopd.config import ConfigError, TrainConfig
-from crossopd.evals import heldout_summary
-from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
-from crossopd.loss import advantages
-from crossopd.opd import Components, StepStats, add_timings, evaluate, score_rollouts
+from crossopd.bridge import ChatFormat, TeacherContext
+from crossopd.opd import advantage_stats, score_rollouts
 from crossopd.prompts import Example
+from crossopd.sides import StudentSide, TeacherSide, one_teacher
+from crossopd.stats import StepStats, add_timings, timed
+from crossopd.tokens import ByteVocab
 
 try:
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    from crossopd.integrations.trl_private import (
+        GRPOHooks,
+        check_private_api,
+        log_metrics,
+        rollout_logps,
+    )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "engine: trl needs the trl extra: pip install 'crossopd[trl]' (or `make install`)"
-    ) from e
+        "crossopd's TRL integration needs the trl extra: pip install 'crossopd[trl]' (or "
+        "`make install`)") from e
 
 STAT_PREFIX = "opd/"
 
@@ -49,266 +51,196 @@ def no_reward(prompts: list, completions: list, **_: Any) -> list[float]:
     return [0.0] * len(prompts)
 
 
-class OPDTrainer(GRPOTrainer):
-    """``GRPOTrainer`` whose per-token advantages come from a teacher of any family.
+@dataclass
+class OPDConfig(GRPOConfig):
+    """``GRPOConfig`` with OPD's defaults (no KL term, token-mean ``dapo`` loss, clip 0.2/0.28,
+    dual clip 10, dropout off) and crossopd's knobs."""
 
-    ``components`` supplies the teacher, both prompt formats and both byte views (its
-    ``student`` is not used: TRL owns the student). Dataset rows need ``prompt`` (chat
-    messages) and may carry ``answer`` and ``reference`` (teacher-only context)."""
+    credit_rule: str = field(default="proportional", metadata={
+        "help": "How a chunk's teacher log-prob is shared out over its student tokens: "
+                "proportional, uniform, last, chunk, or a `package.module:function` rule."})
+    adv_clamp: float = field(default=10.0, metadata={
+        "help": "Per-token advantages q - log p are clamped to [-adv_clamp, adv_clamp]."})
+    special_tokens: str = field(default="penalize", metadata={
+        "help": "A special token sampled mid-response (not the end-of-turn), which no teacher "
+                "can score: penalize (advantage -special_penalty), stop (it ends the turn; "
+                "set at trainer build) or mask (no signal). Counted either way."})
+    special_penalty: float = field(default=5.0, metadata={
+        "help": "The penalty of special_tokens=penalize."})
+    teacher_patience_s: float = field(default=300.0, metadata={
+        "help": "How long an HTTP teacher that is down, starting or overloaded is waited for "
+                "before the run stops (0: fail at once)."})
+    teacher_served_name: str | None = field(default=None, metadata={
+        "help": "The teacher's model name on its server (HTTP teachers)."})
+    teacher_api_key: str | None = field(default=None, metadata={
+        "help": "Bearer key of the teacher server (default: $CROSSOPD_API_KEY)."})
+    teacher_plain_template: str | None = field(default=None, metadata={
+        "help": "Prompt template for a teacher without a chat template, with a {prompt} field, "
+                "e.g. 'Question: {prompt}\\nAnswer:'."})
+    teacher_stop: str | None = field(default=None, metadata={
+        "help": "What ends the teacher's answer with teacher_plain_template."})
+    teacher_system: str | None = field(default=None, metadata={
+        "help": "A system prompt only the teacher sees."})
+    teacher_max_length: int | None = field(default=None, metadata={
+        "help": "The teacher's context in tokens (default: the model's or the server's); longer "
+                "requests get no signal and are counted."})
+    opd_max_batch_tokens: int = field(default=8192, metadata={
+        "help": "Token budget of one in-process teacher forward pass."})
+    # OPD's defaults for GRPO fields
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    epsilon_high: float | None = 0.28
+    delta: float | None = 10.0
+    disable_dropout: bool = True
+    remove_unused_columns: bool | None = False
+    top_k: int = 0
 
-    def __init__(self, *args: Any, components: Components, credit_rule: str = "proportional",
-                 adv_clamp: float = 10.0, max_batch_tokens: int = 8192,
-                 special_penalty: float | None = None, **kwargs: Any) -> None:
+    def special_token_penalty(self) -> float | None:
+        return self.special_penalty if self.special_tokens == "penalize" else None
+
+
+def build_teacher(teacher: Any, tokenizer: Any, args: OPDConfig, device: str) -> TeacherSide:
+    """A teacher side from what a user hands ``OPDTrainer``: a loaded model, a model path or
+    bundled name, or a list of teacher URLs (``vllm serve`` / ``crossopd serve-teacher``)."""
+    from crossopd.hub import load_hf_model, load_hf_tokenizer
+
+    if isinstance(teacher, (list, tuple)):
+        from crossopd.config import resolve_api_key
+        from crossopd.teachers.http import HTTPTeacher
+        from crossopd.teachers.probe import check_teacher_server
+
+        key = resolve_api_key(args.teacher_api_key) or ""
+        check_teacher_server(teacher, args.teacher_served_name, key,
+                             patience_s=args.teacher_patience_s)
+        scorer: Any = HTTPTeacher(list(teacher), model=args.teacher_served_name, api_key=key,
+                                  max_length=args.teacher_max_length,
+                                  patience_s=args.teacher_patience_s)
+        tokenizer = tokenizer or args.teacher_served_name
+        if tokenizer is None:
+            raise ValueError("a teacher given as URLs needs teacher_tokenizer= (or "
+                             "OPDConfig.teacher_served_name as a hub id)")
+    else:
+        from crossopd.teachers.hf import HFTeacher
+
+        if isinstance(teacher, str):
+            tokenizer = tokenizer or teacher
+            teacher = load_hf_model(teacher, device=device)
+        elif tokenizer is None:
+            tokenizer = getattr(teacher, "name_or_path", None)
+        scorer = HFTeacher(teacher, max_batch_tokens=args.opd_max_batch_tokens)
+    if isinstance(tokenizer, str):
+        tokenizer = load_hf_tokenizer(tokenizer)
+    fmt = ChatFormat.from_tokenizer(
+        tokenizer, plain_template=args.teacher_plain_template, stop=args.teacher_stop,
+        max_length=args.teacher_max_length or scorer.max_length)
+    return TeacherSide.from_tokenizer(scorer, tokenizer, fmt=fmt,
+                                      context=TeacherContext(system=args.teacher_system))
+
+
+class OPDTrainer(GRPOHooks):
+    """``GRPOTrainer`` whose per-token advantages come from teachers of any family.
+
+    ``model``: a loaded causal LM or a path / hub id / bundled name. ``teacher``: a loaded
+    model, a model path or bundled name, or a list of teacher URLs, with ``teacher_tokenizer``
+    (an HF tokenizer or its path; default the teacher's own). ``teachers``: already built
+    teacher sides by name, instead of ``teacher``. Dataset rows need ``prompt`` (chat messages)
+    and may carry ``answer``, ``reference`` (teacher-only context) and ``teacher`` (the name of
+    the teacher that scores the row)."""
+
+    def __init__(self, model: Any, teacher: Any = None, teacher_tokenizer: Any = None,
+                 args: OPDConfig | None = None, train_dataset: Any = None,
+                 processing_class: Any = None, *,
+                 teachers: Mapping[str, TeacherSide] | None = None,
+                 student_format: ChatFormat | None = None, **kwargs: Any) -> None:
+        from crossopd.hub import load_hf_model, load_hf_tokenizer
+
+        check_private_api()
+        if args is None:
+            raise ValueError("OPDTrainer needs args=OPDConfig(output_dir=...)")
+        if not isinstance(args, OPDConfig):
+            raise TypeError(f"args must be an OPDConfig (a GRPOConfig with crossopd's fields), "
+                            f"got {type(args).__name__}")
+        if (teacher is None) == (teachers is None):
+            raise ValueError("give exactly one of teacher= (a model, path or URLs) and "
+                             "teachers= (built teacher sides)")
+        device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
+        if isinstance(model, str):
+            processing_class = processing_class or load_hf_tokenizer(model)
+            model = load_hf_model(model, device=device)
+        if processing_class is None:
+            processing_class = load_hf_tokenizer(model.name_or_path)
+        vocab = ByteVocab.from_pretrained(processing_class)
+        special = np.flatnonzero(vocab.special).tolist() if args.special_tokens == "stop" \
+            else []
+        side = StudentSide.from_model(model, processing_class, fmt=student_format, vocab=vocab,
+                                      stop_ids=special)
+        # TRL stops sampling at the generation config's EOS ids: the template's end-of-turn
+        model.generation_config.eos_token_id = sorted(side.fmt.stop_ids)
         kwargs.setdefault("reward_funcs", no_reward)
-        super().__init__(*args, **kwargs)
-        self.opd = components
-        self.credit_rule = credit_rule
-        self.adv_clamp = adv_clamp
-        self.max_batch_tokens = max_batch_tokens
-        self.special_penalty = special_penalty
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, **kwargs)
+        self.student = side
+        self.teachers = dict(teachers) if teachers is not None else one_teacher(
+            build_teacher(teacher, teacher_tokenizer, args, device))
         self.last_step_stats: dict[str, float] = {}
+        self.last_step_totals: dict[str, float] = {}
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
-        t0 = time.perf_counter()
-        out = super()._generate_and_score_completions(inputs)
-        t_rollout = time.perf_counter() - t0
+    def score_batch(self, out: dict, inputs: list[dict], rollout_s: float) -> dict:
+        times: dict[str, float] = {"rollout": rollout_s}
         c_ids, c_mask = out["completion_ids"], out["completion_mask"]
         old = out.get("old_per_token_logps")
-        t0 = time.perf_counter()
-        if old is None:  # TRL skips them when on-policy; credit needs the rollout log-probs
-            with torch.no_grad():
-                old = self._get_per_token_logps_and_entropies(
-                    self.model, torch.cat([out["prompt_ids"], c_ids], 1),
-                    torch.cat([out["prompt_mask"], c_mask], 1), c_ids.size(1),
-                    batch_size=self.args.per_device_train_batch_size)[0]
-        t_old = time.perf_counter() - t0
+        with timed(times, "student_logps"):
+            if old is None:  # TRL skips them when on-policy; credit needs the rollout log-probs
+                old = rollout_logps(self, out)
         lengths = c_mask.sum(1).tolist()
         responses = [row[:n].cpu().numpy() for row, n in zip(c_ids, lengths)]
         prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
         old_list = [row[:n].detach().double().cpu() for row, n in zip(old, lengths)]
-        examples = [Example(messages=list(r["prompt"]), answer=r.get("answer"),
-                            reference=r.get("reference")) for r in inputs]
-        scored = score_rollouts(self.opd, examples, prompts, responses,
-                                credit_rule=self.credit_rule,
-                                max_batch_tokens=self.max_batch_tokens, old_logps=old_list,
-                                special_penalty=self.special_penalty)
+        scored = score_rollouts(self.student, self.teachers, examples_of(inputs), prompts,
+                                responses, credit_rule=self.args.credit_rule,
+                                max_batch_tokens=self.args.opd_max_batch_tokens,
+                                old_logps=old_list,
+                                special_penalty=self.args.special_token_penalty(),
+                                adv_clamp=self.args.adv_clamp)
         adv = torch.zeros(c_ids.shape, dtype=torch.float32, device=c_ids.device)
         signal = torch.zeros(c_ids.shape, dtype=c_mask.dtype, device=c_ids.device)
-        for i, (q, o) in enumerate(zip(scored.targets, old_list)):
-            a, valid = advantages(q, o, torch.ones(len(o), dtype=torch.bool), self.adv_clamp)
-            adv[i, : len(o)] = a.to(adv)
-            signal[i, : len(o)] = valid.to(signal)
+        for i, (a, v) in enumerate(zip(scored.advantages, scored.signal)):
+            adv[i, : len(a)] = a.to(adv)
+            signal[i, : len(v)] = v.to(signal)
         out["advantages"] = adv
         out["tool_mask"] = signal * out["tool_mask"] if "tool_mask" in out else signal
-        out["num_items_in_batch"] = self.accelerator.gather((c_mask * out["tool_mask"]).sum()).sum()
-        stats = self._global_stats(scored.totals)
-        times = {"rollout": t_rollout, **scored.times}
-        times["student_logps"] += t_old
-        add_timings(stats, times, sum(lengths))
+        out["num_items_in_batch"] = self.accelerator.gather(
+            (c_mask * out["tool_mask"]).sum()).sum()
+        self.last_step_totals = self.global_totals(scored.totals)
+        stats = StepStats(self.last_step_totals).result()
+        stats["world_size"] = self.accelerator.num_processes
+        stats.update(advantage_stats(scored))  # this process's; the native engine's keys
+        times["student_logps"] += scored.times.pop("student_logps")
+        add_timings(stats, {**times, **scored.times}, sum(lengths))
         self.last_step_stats = stats
-        mode = "train" if self.model.training else "eval"
-        for k, v in stats.items():
-            self._metrics[mode][STAT_PREFIX + k].append(float(v))
+        log_metrics(self, stats, STAT_PREFIX)
         return out
 
-    def _global_stats(self, totals: dict[str, float]) -> dict[str, float]:
-        """Step statistics over every process's rollouts (sums gathered, then ratios)."""
+    def global_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        """StepStats sums over every process's rollouts."""
         keys = StepStats.KEYS
         local = torch.tensor([[totals.get(k, 0.0) for k in keys]], dtype=torch.float64,
                              device=self.accelerator.device)
-        summed = self.accelerator.gather(local).sum(0).tolist()
-        stats = StepStats(dict(zip(keys, summed))).result()
-        stats["world_size"] = self.accelerator.num_processes
-        return stats
+        return dict(zip(keys, self.accelerator.gather(local).sum(0).tolist()))
 
 
-class MetricsCallback(TrainerCallback):
-    """One ``metrics.jsonl`` row per optimizer step, in the native engine's shape."""
-
-    def __init__(self, trainer: OPDTrainer, path: Path) -> None:
-        self.trainer, self.path = trainer, path
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
-               **kw: Any) -> None:
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        row = {"step": state.global_step, "loss": logs["loss"],
-               "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-               **self.trainer.last_step_stats,
-               # vLLM rollouts: how far the sampling engine's policy is from the trainer's
-               **{k: v for k, v in logs.items() if k.startswith("sampling/")},
-               "time/step_s": time.perf_counter() - getattr(self, "t0", time.perf_counter())}
-        append_jsonl(self.path, row)
+def examples_of(rows: Sequence[dict]) -> list[Example]:
+    return [Example(messages=list(r["prompt"]), answer=r.get("answer"),
+                    reference=r.get("reference"), teacher=r.get("teacher")) for r in rows]
 
 
-def grpo_args(cfg: TrainConfig, world_size: int) -> GRPOConfig:
-    """``TrainConfig`` -> ``GRPOConfig``: one OPD step = one generation batch = one optimizer
-    step; ``cfg.trl`` entries are passed through last and win."""
-    extra = dict(cfg.trl)
-    spp = cfg.rollout.samples_per_prompt
-    if spp < 2:
-        raise ConfigError("engine trl needs rollout.samples_per_prompt >= 2 (TRL's GRPOTrainer "
-                          "samples every prompt at least twice)")
-    accum = int(extra.pop("gradient_accumulation_steps", 1))
-    rows = cfg.batch_size * spp
-    if rows % (world_size * accum):
-        raise ConfigError(f"batch_size x rollout.samples_per_prompt = {rows} completions per "
-                          f"step must divide evenly over {world_size} processes x "
-                          f"{accum} gradient accumulation steps")
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    kwargs: dict[str, Any] = dict(
-        output_dir=cfg.output_dir, max_steps=cfg.steps, seed=cfg.seed, use_cpu=on_cpu,
-        per_device_train_batch_size=rows // (world_size * accum),
-        gradient_accumulation_steps=accum, num_generations=spp,
-        max_completion_length=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0,
-        num_iterations=cfg.update_epochs, beta=0.0, loss_type="dapo",
-        epsilon=cfg.loss.clip_low, epsilon_high=cfg.loss.clip_high, delta=cfg.loss.dual_clip,
-        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        warmup_steps=cfg.optim.warmup_steps, max_grad_norm=cfg.optim.grad_clip,
-        lr_scheduler_type="constant_with_warmup" if cfg.optim.warmup_steps else "constant",
-        bf16=cfg.student.dtype == "bfloat16", fp16=cfg.student.dtype == "float16",
-        disable_dropout=True, remove_unused_columns=False,
-        logging_steps=1, report_to="none", save_total_limit=cfg.keep_checkpoints,
-        save_strategy="steps" if cfg.checkpoint_every else "no",
-        save_steps=cfg.checkpoint_every or 500, dataloader_num_workers=0,
-        use_vllm=cfg.rollout.backend == "vllm", vllm_mode=cfg.rollout.vllm_mode,
-    )
-    # transformers renamed gradient_checkpointing (deprecated from 5.2x on)
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    kwargs["activation_checkpointing" if "activation_checkpointing" in names
-           else "gradient_checkpointing"] = False
-    kwargs.update(extra)
-    return GRPOConfig(**kwargs)
-
-
-def lora_config(cfg: TrainConfig) -> Any:
-    if cfg.student.lora is None:
-        return None
-    from peft import LoraConfig
-
-    lo = cfg.student.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                      target_modules=list(lo.target_modules), task_type="CAUSAL_LM")
-
-
-def as_dataset(examples: list[Example]) -> Any:
+def as_dataset(examples: Sequence[Example]) -> Any:
+    """A ``datasets.Dataset`` of crossopd examples, in the row layout ``OPDTrainer`` reads."""
     from datasets import Dataset
 
     return Dataset.from_list([{"prompt": e.messages, "answer": e.answer,
-                               "reference": e.reference} for e in examples])
+                               "reference": e.reference, "teacher": e.teacher}
+                              for e in examples])
 
 
-def final_student(trainer: OPDTrainer, tokenizer: Any, path: os.PathLike) -> None:
-    """``path``: a complete HF model directory (with LoRA: merged, the adapter in
-    ``path/adapter``)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(os.path.join(path, "adapter"))
-        model = model.merge_and_unload()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """TRL's newest complete ``checkpoint-N`` (trainer_state.json is written last)."""
-    done = [p for p in out_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def train_trl(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-              overwrite: bool = False) -> dict:
-    """The ``trl`` engine's run: the same inputs and outputs as ``crossopd.train.train``
-    (metrics.jsonl, eval.jsonl, report.html, final/), under ``torchrun`` / ``accelerate launch``
-    as well as in one process."""
-    from crossopd.report import write_report
-
-    args = grpo_args(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # config errors before loading
-    args.disable_tqdm = not progress
-    out_dir = Path(cfg.output_dir)
-    main = int(os.environ.get("RANK", 0)) == 0
-    metrics_path, eval_path = out_dir / "metrics.jsonl", out_dir / "eval.jsonl"
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-N under {out_dir}; start without "
-                                "--resume")
-    if main:
-        rundir.prepare(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
-        if ckpt is not None:
-            for path in (metrics_path, eval_path):
-                truncate_jsonl(path, int(ckpt.name.split("-")[1]))
-    examples, heldout = load_splits(cfg)
-    if args.use_vllm and args.use_cpu:
-        keep_vllm_cpu_weights()
-    torch.manual_seed(cfg.seed)
-    # Trained weights stay float32 (bf16/fp16 run under autocast: args.bf16 / args.fp16), so
-    # small updates are not rounded away. With LoRA the base is frozen and loads in
-    # student.dtype; PEFT keeps the adapter in float32.
-    c = build_components(
-        cfg, student_dtype=getattr(torch, cfg.student.dtype) if cfg.student.lora else None)
-    # TRL stops sampling at the tokenizer's EOS and the generation config's: make those the
-    # template's end-of-turn ids (also what the saved student's generation config then says)
-    c.student.generation_config.eos_token_id = sorted(c.student_fmt.stop_ids)
-    trainer = OPDTrainer(model=c.student, args=args, train_dataset=as_dataset(examples),
-                         processing_class=c.student_tokenizer, peft_config=lora_config(cfg),
-                         components=c, credit_rule=cfg.credit_rule,
-                         adv_clamp=cfg.loss.adv_clamp, max_batch_tokens=cfg.max_batch_tokens,
-                         special_penalty=cfg.rollout.special_token_penalty())
-    trainer.add_callback(MetricsCallback(trainer, metrics_path))
-
-    def run_eval(step: int) -> dict:
-        # every process evaluates the same prompts (sharded weights need all of them)
-        student = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = student.training
-        student.eval()
-        r = evaluate(replace(c, student=student), heldout, cfg.rollout,
-                     seed=cfg.seed + 10_007, credit_rule=cfg.credit_rule,
-                     max_batch_tokens=cfg.max_batch_tokens,
-                     samples_per_prompt=cfg.eval_samples)
-        student.train(was_training)
-        if main:
-            append_jsonl(eval_path, {"step": step, **r})
-        return r
-
-    if ckpt is None and cfg.eval_prompts:
-        run_eval(0)
-    done = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
-    if done < cfg.steps:  # transformers would take one extra step past a finished checkpoint
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    final_eval = run_eval(cfg.steps) if cfg.eval_prompts and done < cfg.steps else None
-    report = None
-    if main:
-        final_student(trainer, c.student_tokenizer, out_dir / "final")
-        report = write_report(out_dir)
-    evals, rows = read_jsonl(eval_path), read_jsonl(metrics_path)
-    return {
-        "engine": "trl",
-        "steps": cfg.steps,
-        "world_size": trainer.accelerator.num_processes,
-        **heldout_summary(evals),
-        "final_eval": final_eval,
-        "coverage": float(np.mean([m["coverage"] for m in rows])) if rows else None,
-        "report": str(report) if report else None,
-        "output_dir": str(out_dir),
-        "final": str(out_dir / "final"),
-    }
-
-
-def keep_vllm_cpu_weights() -> None:
-    """Let TRL's colocate weight sync reach vLLM on CPU.
-
-    vllm-cpu packs every linear layer's weight into a oneDNN / sgl-kernel handle after loading
-    and replaces ``layer.weight`` with an empty placeholder; TRL writes the trained weights into
-    ``layer.weight`` before each generation, which then fails (``'Parameter' object has no
-    attribute 'weight_loader'``). On CPU, keep the weights and run the plain torch GEMM on them.
-    Colocate mode runs vLLM in this process, so patching its dispatch here is enough."""
-    import torch.nn.functional as F
-    from vllm.model_executor.layers import utils
-
-    def keep_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
-
-    utils.dispatch_cpu_unquantized_gemm = keep_weight
+__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "no_reward"]
