@@ -40,3 +40,15 @@ def test_quickstart_cpu_blocks_run_as_written(tmp_path):
     run = tmp_path / "runs" / "my_run"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert (run / "final" / "tokenizer_config.json").exists()
+
+
+def test_scale_opd_trainer_python_block_runs_as_written(tmp_path):
+    """docs/scale.md's `OPDTrainer` example on the bundled models."""
+    ((name, lang, code),) = marked_blocks((DOCS / "scale.md").read_text(encoding="utf-8"))
+    assert lang == "python"
+    (tmp_path / name).write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, name], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "'opd/coverage'" in proc.stdout and "'opd/signal_tokens'" in proc.stdout

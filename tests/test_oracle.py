@@ -29,11 +29,11 @@ from crossopd.bench.oracle import (
     oracle_targets_many,
     rollout_oracle,
 )
-from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
 from crossopd.credit import BUILTIN_RULES
 from crossopd.opd import rollout_and_score, sample_rollouts, score_rollouts
 from crossopd.prompts import Example
+from crossopd.sides import hf_pair
 from crossopd.tokens import ByteVocab
 
 # id 0 is byteless (an end of turn: it ends the continuation); several spellings of most strings

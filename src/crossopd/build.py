@@ -71,16 +71,6 @@ def build_sides(cfg: TrainConfig, student_dtype: torch.dtype | None = None
     return student, one_teacher(side)
 
 
-def hf_pair(student: Any, student_tokenizer: Any, teacher: Any, teacher_tokenizer: Any
-            ) -> tuple[StudentSide, dict[str, TeacherSide]]:
-    """A student and one in-process teacher from loaded HF models and tokenizers, each side in
-    its tokenizer's own chat template (the benchmarks' and the tests' pairs)."""
-    from crossopd.teachers.hf import HFTeacher
-
-    side = TeacherSide.from_tokenizer(HFTeacher(teacher), teacher_tokenizer)
-    return StudentSide.from_model(student, student_tokenizer), one_teacher(side)
-
-
 def build_student(cfg: TrainConfig, tokenizer: Any, device: torch.device,
                   dtype: torch.dtype | None = None) -> StudentSide:
     """The student model with its format: turns end on its template's end-of-turn, its

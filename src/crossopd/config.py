@@ -15,6 +15,7 @@ import yaml
 
 from crossopd import bundled
 from crossopd.credit import get_rule
+from crossopd.engines import ENGINES
 from crossopd.loss import LossConfig
 
 
@@ -53,8 +54,9 @@ class TeacherConfig:
     max_length: int | None = None  # teacher context; default: the model's
     timeout: float = 120.0
     retries: int = 3
-    # how long a run waits for an HTTP teacher that is down or overloaded (a redeploy, a vLLM
-    # restart) before it saves a checkpoint and stops with a --resume message
+    # how long a run waits for an HTTP teacher that is still starting (before the first step),
+    # down or overloaded (a redeploy, a vLLM restart) before it stops; mid-run it saves a
+    # checkpoint first and says --resume. 0: fail at once
     patience_s: float = 300.0
     # Bearer key for the teacher server: None reads $CROSSOPD_API_KEY, "env:NAME" reads $NAME;
     # redacted in to_dict(), so it never reaches config.json or the report
@@ -338,9 +340,9 @@ def validate(cfg: TrainConfig) -> None:
         if _looks_like_path(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{key}: {value} does not exist")
         check_model_name(key, value)
-    if cfg.engine not in ("native", "trl"):
-        raise ConfigError(f"engine {cfg.engine!r}: native (crossopd's loop) or trl (TRL's "
-                          "GRPOTrainer; needs the trl extra)")
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine {cfg.engine!r}: choose one of {', '.join(ENGINES)} (native: "
+                          "crossopd's loop; trl: TRL's GRPOTrainer, needs the trl extra)")
     if cfg.rollout.backend not in ("hf", "vllm"):
         raise ConfigError(f"rollout.backend {cfg.rollout.backend!r}: hf or vllm")
     if cfg.rollout.vllm_mode not in ("colocate", "server"):

@@ -4,7 +4,7 @@ teacher-patience checkpoint, ``final/``, the report and the result.
 
 An engine is a small adapter (``Engine``): it builds its optimizer or trainer on the student,
 restores its own checkpoints, runs the steps and calls ``after_step`` once per OPD step. A new
-engine is one module with such a class plus one line in ``ENGINES``.
+engine is one module with such a class plus one line in ``crossopd.engines.ENGINES``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from crossopd import rundir
 from crossopd.build import build_sides, load_splits
 from crossopd.config import TrainConfig
+from crossopd.engines import ENGINES
 from crossopd.evals import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.opd import evaluate
@@ -34,12 +35,6 @@ from crossopd.teachers import TeacherError, status_line
 # Held-out sampling draws from its own stream, offset from the run seed so it never replays a
 # training rollout; every evaluation of every engine (and ``crossopd eval``) uses it.
 EVAL_SEED_OFFSET = 10_007
-
-# engine name -> "module:Class"; imported on use, so an engine's framework loads only for it
-ENGINES: dict[str, str] = {
-    "native": "crossopd.engines.native:NativeEngine",
-    "trl": "crossopd.engines.trl:TRLEngine",
-}
 
 AfterStep = Callable[[int, dict, dict], None]  # (completed steps, metrics row, StepStats sums)
 

@@ -98,3 +98,13 @@ Teachers = Mapping[str, TeacherSide]
 def one_teacher(side: TeacherSide) -> dict[str, TeacherSide]:
     """The mapping of a run with a single teacher."""
     return {side.name: side}
+
+
+def hf_pair(student: Any, student_tokenizer: Any, teacher: Any, teacher_tokenizer: Any
+            ) -> tuple[StudentSide, dict[str, TeacherSide]]:
+    """A student and one in-process teacher from loaded HF models and tokenizers, each side in
+    its tokenizer's own chat template (the benchmarks' and the tests' pairs)."""
+    from crossopd.teachers.hf import HFTeacher
+
+    side = TeacherSide.from_tokenizer(HFTeacher(teacher), teacher_tokenizer)
+    return StudentSide.from_model(student, student_tokenizer), one_teacher(side)

@@ -48,13 +48,13 @@ from crossopd.bench.learn_task import (
     train_teacher_tokenizer,
 )
 from crossopd.bench.oracle import diagnose, identity_check
-from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
 from crossopd.credit import BUILTIN_RULES
 from crossopd.files import atomic_dir_write, cache_dir
 from crossopd.loss import LossConfig
 from crossopd.opd import rollout_and_score, update
 from crossopd.prompts import Example
+from crossopd.sides import hf_pair
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")

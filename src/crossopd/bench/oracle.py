@@ -31,14 +31,13 @@ import torch
 from crossopd.align import Alignment
 from crossopd.bench.learn_task import make_split
 from crossopd.bridge import TeacherRequest
-from crossopd.build import hf_pair
 from crossopd.config import RolloutConfig
 from crossopd.credit import BUILTIN_RULES
 from crossopd.loss import LossConfig
 from crossopd.opd import Scored, credit_targets, sample_rollouts, score_rollouts
 from crossopd.prompts import Example
 from crossopd.scoring import token_budget_batches
-from crossopd.sides import StudentSide, TeacherSide
+from crossopd.sides import StudentSide, TeacherSide, hf_pair
 from crossopd.tokens import ByteVocab
 
 # [len(seq), V] next-token log-probs after every prefix seq[:j + 1], one array per sequence
