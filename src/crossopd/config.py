@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from crossopd import bundled
+from crossopd.benchmarks import check_benchmark_name
 from crossopd.credit import get_rule
 from crossopd.engines import ENGINES
 from crossopd.loss import LossConfig
@@ -115,6 +116,10 @@ class TrainConfig:
     # sampled responses per held-out prompt: more of them shrink the sampling noise in the
     # held-out metrics (the per-prompt metric is the mean over its samples)
     eval_samples: int = 1
+    # a benchmark's accuracy in every held-out evaluation (crossopd eval --benchmark's names
+    # or a .jsonl/.parquet file), on its first eval_benchmark_limit items (0: all of them)
+    eval_benchmark: str | None = None
+    eval_benchmark_limit: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     seed: int = 0
@@ -307,9 +312,15 @@ def validate(cfg: TrainConfig) -> None:
                             ("rollout.max_new_tokens", cfg.rollout.max_new_tokens, 1),
                             ("eval_prompts", cfg.eval_prompts, 0),
                             ("eval_samples", cfg.eval_samples, 1),
+                            ("eval_benchmark_limit", cfg.eval_benchmark_limit, 0),
                             ("keep_checkpoints", cfg.keep_checkpoints, 1)):
         if value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if cfg.eval_benchmark:
+        try:
+            check_benchmark_name(cfg.eval_benchmark)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"eval_benchmark: {e}") from e
     if not 0 < cfg.rollout.top_p <= 1 or cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 and rollout.top_p in (0, 1]")
     if cfg.rollout.special_tokens not in ("penalize", "stop", "mask"):

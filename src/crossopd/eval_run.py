@@ -6,11 +6,14 @@ The teacher, data and sampling settings come from the run that produced the stud
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from crossopd.build import build_sides, load_splits
 from crossopd.config import TrainConfig, load_config
 from crossopd.lifecycle import heldout_eval
+from crossopd.teachers import status_line
 
 
 def run_config_for(student: str) -> Path | None:
@@ -49,3 +52,47 @@ def render_eval(r: dict, source: Path) -> str:
     for x in r["samples"]:
         lines += ["", f"prompt:   {x['prompt']!r}", f"response: {x['response']!r}"]
     return "\n".join(lines)
+
+
+def load_model(name: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for anything ``student.model`` accepts."""
+    from crossopd.build import resolve_device
+    from crossopd.hub import load_hf_model, load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(name)
+    return load_hf_model(name, device=str(resolve_device(device))), tokenizer
+
+
+def eval_benchmark_cmd(args: Any) -> int:
+    """``crossopd eval [MODEL] --benchmark NAME``: print the table or one JSON object."""
+    from crossopd.benchmark_eval import (
+        default_samples_path,
+        model_format,
+        render_benchmark,
+        run_benchmark,
+        run_gold,
+        sampling_for,
+    )
+    from crossopd.benchmarks import load_benchmark
+
+    if args.overrides:
+        raise ValueError(f"key=value overrides ({' '.join(args.overrides)}) are for held-out "
+                         "mode; with --benchmark use the flags (crossopd eval --help)")
+    if args.gold == (args.student is not None):
+        raise ValueError("give a MODEL or --gold (which grades the reference answers), not "
+                         + ("both" if args.gold else "neither"))
+    bench = load_benchmark(args.benchmark, args.limit, args.question_field, args.answer_field)
+    path = Path(args.out) if args.out else default_samples_path(bench, args.student)
+    if args.gold:
+        result = run_gold(bench, path)
+    else:
+        s = sampling_for(bench, args.samples, args.max_new_tokens, args.temperature, args.top_p,
+                         args.seed, args.batch_size)
+        status_line(f"loading {args.student} ...")
+        model, tokenizer = load_model(args.student, args.device)
+        fmt = model_format(model, tokenizer, args.student)
+        result = {"model": args.student, **run_benchmark(bench, model, tokenizer, fmt, s, path,
+                                                          progress=True)}
+    print(json.dumps(result, ensure_ascii=False) if args.json
+          else render_benchmark(result, args.student))
+    return 0 if not result.get("failed") else 1

@@ -159,6 +159,15 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         was_training = model.training
         model.eval()
         r = heldout_eval(cfg, replace(student, model=model), teachers, heldout)
+        if cfg.eval_benchmark:
+            from crossopd.benchmark_eval import benchmark_metrics
+
+            status(f"evaluating at step {step} on benchmark {cfg.eval_benchmark} ...")
+            r.update(benchmark_metrics(
+                cfg.eval_benchmark, cfg.eval_benchmark_limit, model, student.tokenizer,
+                student.fmt, cfg.seed + EVAL_SEED_OFFSET,
+                out_dir / "benchmark" / f"step_{step:07d}.jsonl" if main else None,
+                progress=progress))
         model.train(was_training)
         check_overflow(len(heldout) * cfg.eval_samples, int(r["overflowed_sequences"]),
                        f"evaluation at step {step}", cfg)
