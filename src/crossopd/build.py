@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from crossopd.bridge import ChatFormat, TeacherContext, TemplateError
-from crossopd.config import ConfigError, TrainConfig, resolve_api_key
+from crossopd.config import ConfigError, TeacherConfig, TrainConfig, resolve_api_key
 from crossopd.hub import load_hf_model, load_hf_tokenizer
 from crossopd.prompts import Example, load_examples
 from crossopd.scoring import check_head
@@ -36,39 +36,53 @@ def build_sides(cfg: TrainConfig, student_dtype: torch.dtype | None = None
     ``student_dtype`` says otherwise (a frozen LoRA base). Tokenizers, prompt formats and the
     teacher servers are checked before any model loads."""
     device = resolve_device(cfg.device)
-    t_cfg = cfg.teacher
-    api_key = resolve_api_key(t_cfg.api_key) or ""
-    if t_cfg.urls:
-        check_teacher_server(t_cfg.urls, t_cfg.served_name, api_key,
-                             patience_s=t_cfg.patience_s)
-    t_src = t_cfg.model or t_cfg.served_name or ""
+    t_tok = check_teacher(cfg.teacher)
     s_tok = load_hf_tokenizer(cfg.student.model)
-    t_tok = load_hf_tokenizer(t_cfg.tokenizer or t_src)
-    _format(t_tok, "teacher", t_src, plain_template=t_cfg.plain_template, stop=t_cfg.stop)
-    _format(s_tok, "student", cfg.student.model)  # both fail now, not after loading the models
+    _format(s_tok, "student", cfg.student.model)  # fails now, not after loading the models
     student = build_student(cfg, s_tok, device, student_dtype)
+    side = build_teacher(cfg.teacher, t_tok, name=DEFAULT_TEACHER, device=device,
+                         max_batch_tokens=cfg.max_batch_tokens)
+    return student, one_teacher(side)
+
+
+def check_teacher(t_cfg: TeacherConfig) -> Any:
+    """What can fail before any model loads: the teacher server (waited for up to
+    ``patience_s`` while it starts), the tokenizer, the prompt format. Returns the tokenizer."""
+    if t_cfg.urls:
+        check_teacher_server(t_cfg.urls, t_cfg.served_name,
+                             resolve_api_key(t_cfg.api_key) or "", patience_s=t_cfg.patience_s)
+    src = t_cfg.model or t_cfg.served_name or ""
+    tokenizer = load_hf_tokenizer(t_cfg.tokenizer or src)
+    _format(tokenizer, "teacher", src, plain_template=t_cfg.plain_template, stop=t_cfg.stop)
+    return tokenizer
+
+
+def build_teacher(t_cfg: TeacherConfig, tokenizer: Any, *, name: str, device: torch.device,
+                  max_batch_tokens: int = 8192) -> TeacherSide:
+    """One teacher side from its config section: an in-process HF model (``model``) or an HTTP
+    teacher (``urls``), its own prompt format with its context, its byte view."""
     if t_cfg.model:
         from crossopd.teachers.hf import HFTeacher
 
-        teacher = HFTeacher(load_hf_model(t_cfg.model, device=str(device)),
-                            max_batch_tokens=cfg.max_batch_tokens)
+        teacher: Any = HFTeacher(load_hf_model(t_cfg.model, device=str(device)),
+                                 max_batch_tokens=max_batch_tokens)
         limit = t_cfg.max_length or teacher.max_length  # the configured context or the model's
     else:
         from crossopd.teachers.http import HTTPTeacher
 
         teacher = HTTPTeacher(t_cfg.urls, model=t_cfg.served_name, timeout=t_cfg.timeout,
                               retries=t_cfg.retries, max_length=t_cfg.max_length,
-                              first_url=int(os.environ.get("RANK", 0)), api_key=api_key,
+                              first_url=int(os.environ.get("RANK", 0)),
+                              api_key=resolve_api_key(t_cfg.api_key) or "",
                               patience_s=t_cfg.patience_s)
         # the server's limit: the configured context or its /v1/models, minus the one token a
         # scoring request asks for
         limit = teacher.max_length
-    teacher_fmt = _format(t_tok, "teacher", t_src, plain_template=t_cfg.plain_template,
-                          stop=t_cfg.stop, max_length=limit)
-    side = TeacherSide(name=DEFAULT_TEACHER, teacher=teacher, fmt=teacher_fmt,
-                       vocab=ByteVocab.from_pretrained(t_tok),
+    fmt = _format(tokenizer, "teacher", t_cfg.model or t_cfg.served_name or "",
+                  plain_template=t_cfg.plain_template, stop=t_cfg.stop, max_length=limit)
+    return TeacherSide(name=name, teacher=teacher, fmt=fmt,
+                       vocab=ByteVocab.from_pretrained(tokenizer),
                        context=TeacherContext(system=t_cfg.system))
-    return student, one_teacher(side)
 
 
 def build_student(cfg: TrainConfig, tokenizer: Any, device: torch.device,

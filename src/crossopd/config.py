@@ -165,6 +165,12 @@ def resolve_api_key(value: str | None) -> str | None:
     return value or None
 
 
+def build_section(cls: type, data: dict, where: str = "") -> Any:
+    """A config dataclass (``TeacherConfig``, say) from plain data, with the same checks and
+    typing as a whole run config; ``where`` prefixes key names in errors (``crossopd.``)."""
+    return _build(cls, data, where)
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")

@@ -30,6 +30,19 @@ def advantages(targets: torch.Tensor, old_logps: torch.Tensor,
     return adv.clamp(-adv_clamp, adv_clamp), valid
 
 
+def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, adv: torch.Tensor,
+                   cfg: LossConfig = LossConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(PPO-clip loss with dual clip per token, where the clip was active); any shape,
+    elementwise. Engines that aggregate themselves (verl's ``agg_loss``) take this."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    # dual clip: with A < 0 a huge ratio would make the loss unbounded; cap it at -A * c
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * cfg.dual_clip), per_token)
+    return per_token, clipped > unclipped
+
+
 def policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -38,14 +51,9 @@ def policy_loss(
     cfg: LossConfig = LossConfig(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean PPO-clip loss with dual clip for negative advantages; any shape, elementwise."""
-    ratio = torch.exp(logps - old_logps)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    # dual clip: with A < 0 a huge ratio would make the loss unbounded; cap it at -A * c
-    per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * cfg.dual_clip), per_token)
+    per_token, was_clipped = per_token_loss(logps, old_logps, adv, cfg)
     n = valid.sum()
     loss = torch.where(valid, per_token, torch.zeros_like(per_token)).sum() / n.clamp(min=1)
     with torch.no_grad():
-        clip_frac = ((clipped > unclipped) & valid).sum() / n.clamp(min=1)
+        clip_frac = (was_clipped & valid).sum() / n.clamp(min=1)
     return loss, {"clip_frac": float(clip_frac), "tokens": int(n)}
