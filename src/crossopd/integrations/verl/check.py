@@ -80,9 +80,8 @@ def worker_batch(s_tok: Any, step: Any, exs: list, prompts: list, responses: lis
     """The rollouts through the verl worker's postprocessing, batched by verl."""
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 
-    from crossopd.integrations.verl.worker import CrossOPDAgentLoopWorker
-
     from crossopd.hub import load_hf_tokenizer
+    from crossopd.integrations.verl.worker import CrossOPDAgentLoopWorker
 
     # verl loads the student's tokenizer with a pad token (its EOS when it has none)
     s_tok = load_hf_tokenizer(s_tok.name_or_path)

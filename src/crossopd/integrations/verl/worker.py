@@ -210,6 +210,13 @@ class CrossOPDAgentLoopWorker(AgentLoopWorker):
     def __init__(self, config: Any, llm_client: Any, teacher_client: Any = None,
                  reward_loop_worker_handles: Any = None) -> None:
         check_private_api()
+        own = settings_from(config).teacher
+        if own.model or own.urls:
+            # crossopd's own teacher scores: verl's teacher client is not built (its pool may
+            # be empty), only its distillation loss path stays on in the actor
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.merge(config, {"distillation": {"enabled": False}})
         super().__init__(config, llm_client, teacher_client, reward_loop_worker_handles)
         self.opd = teacher_step(config, self.tokenizer,
                                 pool=getattr(self, "teacher_server_manager", None))
