@@ -3,6 +3,7 @@ its first step, and the run's data splits."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -13,9 +14,9 @@ import torch
 from crossopd.bridge import ChatFormat, TeacherContext, TemplateError
 from crossopd.config import ConfigError, TeacherConfig, TrainConfig, resolve_api_key
 from crossopd.hub import load_hf_model, load_hf_tokenizer
-from crossopd.prompts import Example, load_examples
+from crossopd.prompts import DataError, Example, load_examples
 from crossopd.scoring import check_head
-from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide, generation_eos, one_teacher
+from crossopd.sides import StudentSide, TeacherSide, generation_eos
 from crossopd.teachers.probe import check_teacher_server
 from crossopd.tokens import ByteVocab
 
@@ -36,13 +37,16 @@ def build_sides(cfg: TrainConfig, student_dtype: torch.dtype | None = None
     ``student_dtype`` says otherwise (a frozen LoRA base). Tokenizers, prompt formats and the
     teacher servers are checked before any model loads."""
     device = resolve_device(cfg.device)
-    t_tok = check_teacher(cfg.teacher)
+    sections = cfg.teacher_sections()
+    tokenizers = {name: check_teacher(t) for name, t in sections.items()}
     s_tok = load_hf_tokenizer(cfg.student.model)
     _format(s_tok, "student", cfg.student.model)  # fails now, not after loading the models
     student = build_student(cfg, s_tok, device, student_dtype)
-    side = build_teacher(cfg.teacher, t_tok, name=DEFAULT_TEACHER, device=device,
-                         max_batch_tokens=cfg.max_batch_tokens)
-    return student, one_teacher(side)
+    # in-process teachers share the device (docs/teacher.md: several teachers, memory)
+    teachers = {name: build_teacher(t, tokenizers[name], name=name, device=device,
+                                    max_batch_tokens=cfg.max_batch_tokens)
+                for name, t in sections.items()}
+    return student, teachers
 
 
 def check_teacher(t_cfg: TeacherConfig) -> Any:
@@ -111,15 +115,40 @@ def _format(tokenizer: Any, role: str, name: str, **kwargs: Any) -> ChatFormat:
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(training prompts, held-out prompts) as the data section says."""
-    examples = load_examples(cfg.data.path, cfg.data.answer_column, cfg.teacher.reference_column)
-    if cfg.data.heldout_path:
-        heldout = load_examples(cfg.data.heldout_path, cfg.data.answer_column,
-                                cfg.teacher.reference_column)
+    """(training prompts, held-out prompts) as the data section says; each row's teacher is
+    checked against the run's teachers now, before any model loads."""
+    d = cfg.data
+    reference = next(iter(cfg.teacher_sections().values())).reference_column
+    examples = routed(load_examples(d.path, d.answer_column, reference, d.teacher_column),
+                      cfg, d.path)
+    if d.heldout_path:
+        heldout = routed(load_examples(d.heldout_path, d.answer_column, reference,
+                                       d.teacher_column), cfg, d.heldout_path)
     else:
-        n = heldout_rows(len(examples), cfg.data.heldout_size, cfg.data.path)
+        n = heldout_rows(len(examples), d.heldout_size, d.path)
         examples, heldout = examples[:-n], examples[-n:]
     return examples, heldout[: cfg.eval_prompts]
+
+
+def routed(examples: list[Example], cfg: TrainConfig, path: str) -> list[Example]:
+    """``examples`` with rows without a teacher sent to ``data.default_teacher``. A row naming a
+    teacher the run does not have, or naming one at all under ``teacher_mix`` (every teacher
+    scores every row), is a data error with its row number."""
+    names = list(cfg.teacher_sections())
+    for i, e in enumerate(examples):
+        if e.teacher is None:
+            continue
+        if cfg.teacher_mix:
+            raise DataError(f"{path} row {i}: names teacher {e.teacher!r} (column "
+                            f"{cfg.data.teacher_column}) but teacher_mix has every teacher "
+                            "score every row: drop the column or teacher_mix")
+        if e.teacher not in names:
+            raise DataError(f"{path} row {i}: no teacher named {e.teacher!r}; teachers: "
+                            f"{', '.join(names)}")
+    default = cfg.data.default_teacher
+    if default is None:
+        return examples
+    return [e if e.teacher else dataclasses.replace(e, teacher=default) for e in examples]
 
 
 def heldout_rows(rows: int, heldout_size: int, path: str) -> int:

@@ -13,15 +13,8 @@ from typing import Any
 
 import yaml
 
-from crossopd import bundled
-from crossopd.benchmarks import check_benchmark_name
-from crossopd.credit import get_rule
-from crossopd.engines import ENGINES
+from crossopd.config_checks import ConfigError, validate
 from crossopd.loss import LossConfig
-
-
-class ConfigError(ValueError):
-    """The run configuration is invalid; the message says which key and what to do."""
 
 
 @dataclass
@@ -70,6 +63,8 @@ class DataConfig:
     heldout_path: str | None = None  # default: the last `heldout_size` rows of `path`
     heldout_size: int = 16
     answer_column: str = "answer"
+    teacher_column: str = "teacher"  # names the teacher of a row (several teachers)
+    default_teacher: str | None = None  # the teacher of rows without one (default: the first)
 
 
 @dataclass
@@ -103,6 +98,11 @@ class TrainConfig:
     engine: str = "native"  # native (crossopd's own loop) | trl (TRL's GRPOTrainer)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several teachers, by name (each a `teacher:` section); rows go to the teacher their
+    # `teacher` column names (else data.default_teacher, else the first), or every teacher in
+    # teacher_mix scores every rollout (docs/config.md: several teachers)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    teacher_mix: dict[str, float] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -130,6 +130,10 @@ class TrainConfig:
     # gradient_checkpointing, deepspeed, fsdp, vllm_gpu_memory_utilization, report_to)
     trl: dict[str, Any] = field(default_factory=dict)
 
+    def teacher_sections(self) -> dict[str, TeacherConfig]:
+        """The run's teachers by name: ``teachers:``, or ``teacher:`` as the one teacher."""
+        return dict(self.teachers) if self.teachers else {"teacher": self.teacher}
+
     def to_dict(self) -> dict:
         """The config as plain data, secrets redacted (what run directories store)."""
         return redact_secrets(dataclasses.asdict(self))
@@ -139,14 +143,18 @@ REDACTED = "<redacted>"
 
 
 def redact_secrets(data: dict) -> dict:
-    """``data`` (``TrainConfig.to_dict`` layout) with a literal ``teacher.api_key`` replaced by
-    a marker; ``env:NAME`` names a variable, not a secret, and stays so a resumed run finds it."""
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict) and teacher.get("api_key"):
-        key = str(teacher["api_key"])
-        if not key.startswith("env:"):
-            data = {**data, "teacher": {**teacher, "api_key": REDACTED}}
-    return data
+    """``data`` (``TrainConfig.to_dict`` layout) with every literal teacher ``api_key``
+    (``teacher:`` and each of ``teachers:``) replaced by a marker; ``env:NAME`` names a
+    variable, not a secret, and stays so a resumed run finds it."""
+    def redact(t: object) -> object:
+        if isinstance(t, dict) and t.get("api_key") and not str(t["api_key"]).startswith("env:"):
+            return {**t, "api_key": REDACTED}
+        return t
+
+    out = {**data, "teacher": redact(data.get("teacher"))}
+    if isinstance(data.get("teachers"), dict):
+        out["teachers"] = {n: redact(t) for n, t in data["teachers"].items()}
+    return out
 
 
 def resolve_api_key(value: str | None) -> str | None:
@@ -184,7 +192,15 @@ def _build(cls: type, data: dict, where: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         section = _section_type(hint)
-        if section is not None:
+        mapped = _mapped_section(hint)
+        if mapped is not None:  # teachers: {name: {teacher section}}
+            if isinstance(value, _Raw):
+                value = yaml.safe_load(str(value))
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{where}{key} must be a mapping of names to sections")
+            kwargs[key] = {str(n): _build(mapped, v or {}, f"{where}{key}.{n}.")
+                           for n, v in (value or {}).items()}
+        elif section is not None:
             if isinstance(value, _Raw):
                 value = yaml.safe_load(str(value))
             optional = not dataclasses.is_dataclass(hint)
@@ -193,6 +209,14 @@ def _build(cls: type, data: dict, where: str) -> Any:
         else:
             kwargs[key] = _coerce(value, hint, where + key)
     return cls(**kwargs)
+
+
+def _mapped_section(hint: Any) -> type | None:
+    """The dataclass of a ``dict[str, Section]`` field, else None."""
+    if typing.get_origin(hint) is dict:
+        value = typing.get_args(hint)[1]
+        return value if dataclasses.is_dataclass(value) else None
+    return None
 
 
 def _section_type(hint: Any) -> type | None:
@@ -290,86 +314,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def check_model_name(key: str, value: str) -> None:
-    """A name that is no file, no ``owner/name`` hub id and close to a bundled name is a typo:
-    say so now rather than after a hub lookup (``gpt2``-style hub ids still pass)."""
-    import difflib
-
-    if "/" in value or Path(value).expanduser().exists() or key.startswith("data."):
-        return
-    close = difflib.get_close_matches(value, bundled.BUNDLED, n=1, cutoff=0.6)
-    if close:
-        raise ConfigError(f"{key}: {value!r} is not a bundled model (did you mean {close[0]!r}?); "
-                          f"bundled: {', '.join(bundled.BUNDLED)}")
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".jsonl", ".json", ".parquet"))
-
-
-def validate(cfg: TrainConfig) -> None:
-    try:  # a typo or a broken import path fails here, before any model loads
-        get_rule(cfg.credit_rule)
-    except ValueError as e:
-        raise ConfigError(f"credit_rule: {e}") from e
-    for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
-                            ("update_epochs", cfg.update_epochs, 1),
-                            ("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt, 1),
-                            ("rollout.max_new_tokens", cfg.rollout.max_new_tokens, 1),
-                            ("eval_prompts", cfg.eval_prompts, 0),
-                            ("eval_samples", cfg.eval_samples, 1),
-                            ("eval_benchmark_limit", cfg.eval_benchmark_limit, 0),
-                            ("keep_checkpoints", cfg.keep_checkpoints, 1)):
-        if value < low:
-            raise ConfigError(f"{key} must be at least {low}, got {value}")
-    if cfg.eval_benchmark:
-        try:
-            check_benchmark_name(cfg.eval_benchmark)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"eval_benchmark: {e}") from e
-    if not 0 < cfg.rollout.top_p <= 1 or cfg.rollout.temperature <= 0:
-        raise ConfigError("rollout.temperature must be > 0 and rollout.top_p in (0, 1]")
-    if cfg.rollout.special_tokens not in ("penalize", "stop", "mask"):
-        raise ConfigError(f"rollout.special_tokens {cfg.rollout.special_tokens!r}: penalize, "
-                          "stop or mask")
-    if not 0 <= cfg.rollout.special_penalty < float("inf"):
-        raise ConfigError("rollout.special_penalty must be a finite number >= 0, got "
-                          f"{cfg.rollout.special_penalty}")
-    if not 0 <= cfg.teacher.patience_s < float("inf"):
-        raise ConfigError(f"teacher.patience_s must be >= 0 seconds, got {cfg.teacher.patience_s}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if bool(cfg.teacher.model) == bool(cfg.teacher.urls):
-        raise ConfigError("set exactly one of teacher.model (in-process teacher) and "
-                          "teacher.urls (HTTP teacher)")
-    if cfg.teacher.plain_template is not None and not cfg.teacher.stop:
-        raise ConfigError("teacher.plain_template needs teacher.stop (what ends the answer)")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith(("cuda", "mps")):
-        raise ConfigError(f"device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
-    if cfg.teacher.urls and not (cfg.teacher.tokenizer or cfg.teacher.served_name):
-        raise ConfigError("an HTTP teacher needs teacher.tokenizer (or teacher.served_name as "
-                          "a hub id) to build its prompts and spell the student's bytes")
-    for key, value in (("student.model", cfg.student.model), ("teacher.model", cfg.teacher.model),
-                       ("teacher.tokenizer", cfg.teacher.tokenizer),
-                       ("data.path", cfg.data.path), ("data.heldout_path", cfg.data.heldout_path)):
-        if not value or value in bundled.BUNDLED or value.startswith("bundled:"):
-            continue
-        if _looks_like_path(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"{key}: {value} does not exist")
-        check_model_name(key, value)
-    if cfg.engine not in ENGINES:
-        raise ConfigError(f"engine {cfg.engine!r}: choose one of {', '.join(ENGINES)} (native: "
-                          "crossopd's loop; trl: TRL's GRPOTrainer, needs the trl extra)")
-    if cfg.rollout.backend not in ("hf", "vllm"):
-        raise ConfigError(f"rollout.backend {cfg.rollout.backend!r}: hf or vllm")
-    if cfg.rollout.vllm_mode not in ("colocate", "server"):
-        raise ConfigError(f"rollout.vllm_mode {cfg.rollout.vllm_mode!r}: colocate or server")
-    if cfg.engine == "native":
-        for key, on in (("rollout.backend: vllm", cfg.rollout.backend == "vllm"),
-                        ("student.lora", cfg.student.lora is not None),
-                        ("trl", bool(cfg.trl))):
-            if on:
-                raise ConfigError(f"{key} needs engine: trl (the native engine samples with HF "
-                                  "generate and trains all weights)")
-    if cfg.student.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"student.dtype {cfg.student.dtype!r}: float32, bfloat16 or float16")

@@ -27,7 +27,7 @@ from crossopd.config import TrainConfig
 from crossopd.engines import ENGINES
 from crossopd.evals import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
-from crossopd.opd import evaluate
+from crossopd.heldout import evaluate
 from crossopd.prompts import Example
 from crossopd.sides import StudentSide, TeacherSide
 from crossopd.teachers import TeacherError, status_line
@@ -94,7 +94,8 @@ def heldout_eval(cfg: TrainConfig, student: StudentSide, teachers: dict[str, Tea
     """The held-out evaluation every run and ``crossopd eval`` report."""
     return evaluate(student, teachers, heldout, cfg.rollout, seed=cfg.seed + EVAL_SEED_OFFSET,
                     credit_rule=cfg.credit_rule, max_batch_tokens=cfg.max_batch_tokens,
-                    samples=samples, samples_per_prompt=cfg.eval_samples)
+                    samples=samples, samples_per_prompt=cfg.eval_samples,
+                    mix=cfg.teacher_mix or None)
 
 
 def check_overflow(sequences: int, overflowed: int, where: str, cfg: TrainConfig) -> None:
@@ -136,8 +137,10 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         rundir.prepare(out_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     if sides is None:
-        teacher = cfg.teacher.model or ", ".join(cfg.teacher.urls)
-        status(f"loading student {cfg.student.model} and teacher {teacher} ...")
+        named = [f"{t.model or ', '.join(t.urls)}" + (f" ({n})" if cfg.teachers else "")
+                 for n, t in cfg.teacher_sections().items()]
+        status(f"loading student {cfg.student.model} and teacher{'s' * bool(cfg.teachers)} "
+               f"{'; '.join(named)} ...")
         # with LoRA the base is frozen and loads in student.dtype; trained weights stay float32
         dtype = getattr(torch, cfg.student.dtype) if cfg.student.lora else None
         sides = build_sides(cfg, student_dtype=dtype)

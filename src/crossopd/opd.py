@@ -7,31 +7,32 @@ types. The pieces, smallest first:
 
 - ``credit_targets``: one sample's teacher request, teacher log-probs and rollout log-probs ->
   its alignment, targets and what the statistics read (pure; no model);
-- ``score_rollouts``: a step's responses -> ``Scored`` (bridging, teacher calls, student
-  log-probs, credit, advantages and signal masks, statistics, timings), computed once;
+- ``score_rollouts``: a step's responses -> ``Scored`` (bridging and teacher calls through
+  ``crossopd.teaching``, student log-probs, credit, advantages and signal masks, statistics,
+  timings), computed once;
 - ``rollout_and_score``: HF ``generate`` rollouts, then ``score_rollouts``;
 - ``update``: PPO-clip over a ``Scored``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from crossopd.align import Alignment
-from crossopd.bridge import TeacherRequest, align_bridged, build_teacher_request
+from crossopd.bridge import TeacherRequest, align_bridged
 from crossopd.config import RolloutConfig
 from crossopd.credit import CreditSpec, assign_credit, get_rule
 from crossopd.loss import LossConfig, advantages, policy_loss
 from crossopd.prompts import Example
 from crossopd.rollout.hf import sample
 from crossopd.scoring import score_sequences, token_budget_batches
-from crossopd.sides import StudentSide, Teachers, TeacherSide
-from crossopd.stats import TIMING_PREFIX, StepStats, add_timings, timed
+from crossopd.sides import StudentSide, Teachers
+from crossopd.stats import TEACHER_STATS, StepStats, add_timings, timed
+from crossopd.teaching import assignments, mix_targets, score_all, teacher_requests
 from crossopd.tokens import ByteVocab
 
 
@@ -87,38 +88,6 @@ def penalize_specials(q: np.ndarray, logps: np.ndarray, req: TeacherRequest,
     return hit
 
 
-# ------------------------------------------------------------------------------- teachers
-def route(examples: Sequence[Example], teachers: Teachers) -> list[str]:
-    """The teacher that scores each example: the one it names, else the run's first."""
-    default = next(iter(teachers))
-    names = [e.teacher or default for e in examples]
-    unknown = sorted(set(names) - set(teachers))
-    if unknown:
-        raise KeyError(f"no teacher named {', '.join(map(repr, unknown))}; the run has "
-                       f"{', '.join(map(repr, teachers))}")
-    return names
-
-
-def teacher_requests(student: StudentSide, teacher: TeacherSide, examples: Sequence[Example],
-                     responses: Sequence[np.ndarray]) -> list[TeacherRequest]:
-    """Each response bridged into the teacher's prompt format and vocabulary."""
-    return [build_teacher_request(e.messages, r, student.fmt, teacher.fmt, student.vocab,
-                                  teacher.vocab, context=teacher.context, reference=e.reference)
-            for e, r in zip(examples, responses)]
-
-
-def score_requests(teacher: TeacherSide, reqs: Sequence[TeacherRequest]
-                   ) -> list[np.ndarray | None]:
-    """Teacher log-probs per request; None for an overflowed or empty one."""
-    live = [i for i, q in enumerate(reqs) if not q.overflow and q.stop_end > q.response_start]
-    found = teacher.teacher.score([reqs[i].teacher_ids for i in live],
-                                  [reqs[i].scored_span for i in live]) if live else []
-    out: list[np.ndarray | None] = [None] * len(reqs)
-    for i, lp in zip(live, found):
-        out[i] = lp
-    return out
-
-
 # ------------------------------------------------------------------------------- a step's data
 @dataclass
 class Scored:
@@ -129,7 +98,7 @@ class Scored:
     sequences: list[list[int]]  # student prompt + response
     spans: list[tuple[int, int]]  # response positions in ``sequences``
     old_logps: list[torch.Tensor]  # rollout log-probs per response token (float64, CPU)
-    teacher_names: list[str]
+    teacher_names: list[str]  # the routed teacher (with a mix: its first teacher)
     requests: list[TeacherRequest]
     alignments: list[Alignment]
     teacher_logps: list[np.ndarray | None]  # None: overflowed or empty, no teacher signal
@@ -139,6 +108,8 @@ class Scored:
     stats: dict[str, float]
     totals: dict[str, float] = field(default_factory=dict)  # StepStats sums
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # StepStats sums per teacher (each over the rollouts it scored)
+    teacher_totals: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_rollouts(
@@ -154,29 +125,24 @@ def score_rollouts(
     temperature: float = 1.0,
     special_penalty: float | None = None,
     adv_clamp: float = LossConfig().adv_clamp,
+    mix: Mapping[str, float] | None = None,
 ) -> Scored:
     """Teacher scoring, alignment, credit and advantages for sampled responses (from any
-    rollout engine); each example is scored by its teacher (``route``).
+    rollout engine). Each example is scored by its teacher (``teaching.route``), or with
+    ``mix`` (name -> weight) by every listed teacher, their targets combined
+    (``teaching.mix_targets``).
 
     ``old_logps`` are the student's rollout-time log-probs of each response token under the
     sampling distribution; when not given they are computed here with the student at
-    ``temperature``."""
+    ``temperature``. With several teachers, ``stats`` also has ``teachers/<name>/<stat>``."""
     times: dict[str, float] = {}
-    names = route(examples, teachers)
-    n = len(examples)
-    reqs: list[TeacherRequest | None] = [None] * n
-    t_logps: list[np.ndarray | None] = [None] * n
-    for name, side in teachers.items():
-        idx = [i for i in range(n) if names[i] == name]
-        if not idx:
-            continue
-        with timed(times, "bridge"):  # teacher prompts + teacher tokenization
-            mine = teacher_requests(student, side, [examples[i] for i in idx],
-                                    [responses[i] for i in idx])
-        with timed(times, "teacher"):
-            found = score_requests(side, mine)
-        for i, q, lp in zip(idx, mine, found):
-            reqs[i], t_logps[i] = q, lp
+    plan = assignments(examples, teachers, mix)
+    with timed(times, "bridge"):  # teacher prompts + teacher tokenization
+        reqs = {name: teacher_requests(student, teachers[name], [examples[i] for i in idx],
+                                       [responses[i] for i in idx])
+                for name, idx in plan.items()}
+    with timed(times, "teacher"):
+        found = score_all(teachers, reqs)
 
     sequences = [list(p) + np.asarray(r).tolist() for p, r in zip(prompts, responses)]
     spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
@@ -189,22 +155,49 @@ def score_rollouts(
                                             pad_id=student.pad_id)
         old = [o.detach().double().cpu() for o in old_logps]
 
-    alignments, targets, advs, signal, stats = [], [], [], [], StepStats()
+    n = len(examples)
+    per: dict[str, list[tuple[TeacherRequest, np.ndarray | None, SampleCredit] | None]] = {}
+    team = {name: StepStats() for name in teachers}  # zeros for a teacher without rows
     with timed(times, "align_credit"):
-        for req, name, lp, o in zip(reqs, names, t_logps, old):
-            c = credit_targets(req, lp, o.numpy(), student.vocab, teachers[name].vocab,
-                               rule=credit_rule, special_penalty=special_penalty)
-            stats.add(c.alignment, req, o.numpy(), c.kl_targets, penalized=int(c.penalized.sum()))
-            q = torch.from_numpy(c.targets)
-            a, v = advantages(q, o, adv_clamp)
-            alignments.append(c.alignment)
-            targets.append(q)
+        for name, idx in plan.items():
+            rows: list = [None] * n
+            for i, req, lp in zip(idx, reqs[name], found[name]):
+                c = credit_targets(req, lp, old[i].numpy(), student.vocab, teachers[name].vocab,
+                                   rule=credit_rule, special_penalty=special_penalty)
+                team[name].add(c.alignment, req, old[i].numpy(), c.kl_targets,
+                               penalized=int(c.penalized.sum()))
+                rows[i] = (req, lp, c)
+            per[name] = rows
+        names = [next(k for k in plan if per[k][i] is not None) for i in range(n)]
+        stats, partial = StepStats(), 0
+        targets, advs, signal = [], [], []
+        for i in range(n):
+            req, lp, c = per[names[i]][i]  # the routed teacher, or the first of the mix
+            q, q_kl = c.targets, c.kl_targets
+            if mix:
+                weights = list(mix.values())
+                q, partial_i = mix_targets([per[k][i][2].targets for k in mix], weights)
+                q_kl, _ = mix_targets([per[k][i][2].kl_targets for k in mix], weights)
+                partial += partial_i
+            stats.add(c.alignment, req, old[i].numpy(), q_kl, penalized=int(c.penalized.sum()))
+            q_t = torch.from_numpy(q)
+            a, v = advantages(q_t, old[i], adv_clamp)
+            targets.append(q_t)
             advs.append(a)
             signal.append(v)
     out = stats.result()
+    if len(teachers) > 1:
+        for name, st in team.items():
+            out.update({f"teachers/{name}/{k}": v for k, v in st.result().items()
+                        if k in TEACHER_STATS})
+        if mix:
+            out["mix_partial_tokens"] = partial
     add_timings(out, times, sum(len(r) for r in responses))
-    return Scored(list(examples), sequences, spans, old, names, list(reqs), alignments, t_logps,
-                  targets, advs, signal, out, dict(stats.totals), times)
+    first = [per[names[i]][i] for i in range(n)]
+    return Scored(list(examples), sequences, spans, old, names, [r[0] for r in first],
+                  [r[2].alignment for r in first], [r[1] for r in first], targets, advs,
+                  signal, out, dict(stats.totals), times,
+                  {name: dict(st.totals) for name, st in team.items()})
 
 
 def sample_rollouts(
@@ -231,6 +224,7 @@ def rollout_and_score(
     credit_rule: CreditSpec = "proportional",
     max_batch_tokens: int = 8192,
     adv_clamp: float = LossConfig().adv_clamp,
+    mix: Mapping[str, float] | None = None,
 ) -> Scored:
     """One step's data: HF ``generate`` rollouts, then ``score_rollouts``."""
     times: dict[str, float] = {}
@@ -239,7 +233,7 @@ def rollout_and_score(
     scored = score_rollouts(student, teachers, exs, prompts, responses, credit_rule=credit_rule,
                             max_batch_tokens=max_batch_tokens, temperature=rollout.temperature,
                             special_penalty=rollout.special_token_penalty(),
-                            adv_clamp=adv_clamp)
+                            adv_clamp=adv_clamp, mix=mix)
     scored.times.update(times)
     add_timings(scored.stats, times, int(scored.stats["response_tokens"]))
     return scored
@@ -310,48 +304,3 @@ def update(
         out.update(loss=loss_sum / total_valid, clip_frac=clip_sum / total_valid,
                    grad_norm=float(grad_norm))
     return out
-
-
-# ------------------------------------------------------------------------------- evaluation
-def evaluate(
-    student: StudentSide,
-    teachers: Teachers,
-    examples: Sequence[Example],
-    rollout: RolloutConfig,
-    *,
-    seed: int,
-    credit_rule: CreditSpec = "proportional",
-    max_batch_tokens: int = 8192,
-    samples: int = 3,
-    samples_per_prompt: int = 1,
-) -> dict:
-    """Reverse KL per byte (teacher vs student on fresh student samples, ``samples_per_prompt``
-    each; comparable across tokenizers), stop rate, accuracy when the data has answers
-    (``evals.answer_correct``), and the first ``samples`` prompts with their responses. Uses
-    its own RNG stream so training randomness is untouched and every evaluation sees the same
-    sampling noise."""
-    from crossopd.evals import answer_correct
-
-    k = samples_per_prompt
-    each = dataclasses.replace(rollout, samples_per_prompt=k)
-    # every device's generator: manual_seed below reseeds CUDA too
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        s = rollout_and_score(student, teachers, examples, each, credit_rule=credit_rule,
-                              max_batch_tokens=max_batch_tokens)
-    result = {key: v for key, v in s.stats.items() if not key.startswith(TIMING_PREFIX)}
-    texts = [student.vocab.concat_bytes(seq[a:b]).decode("utf-8", "replace")
-             for seq, (a, b) in zip(s.sequences, s.spans)]
-    answers = [e.answer for e in examples]
-    if any(a is not None for a in answers):
-        # per prompt, the mean over its k samples (None: no answer): before/after pair up
-        result["correct"] = [
-            None if a is None else
-            float(np.mean([answer_correct(t, a) for t in texts[i * k:(i + 1) * k]]))
-            for i, a in enumerate(answers)]
-        hits = [x for x in result["correct"] if x is not None]
-        result["accuracy"] = sum(hits) / len(hits)
-    result["samples"] = [{"prompt": e.messages[-1]["content"], "response": texts[i * k],
-                          "answer": e.answer} for i, e in enumerate(examples[:samples])]
-    return result

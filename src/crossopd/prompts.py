@@ -34,7 +34,10 @@ def resolve_path(path: str) -> Path:
 
 
 def load_examples(path: str, answer_column: str = "answer",
-                  reference_column: str | None = None) -> list[Example]:
+                  reference_column: str | None = None,
+                  teacher_column: str | None = "teacher") -> list[Example]:
+    """Rows of ``path`` as examples; ``teacher_column`` (when the file has it) names each row's
+    teacher."""
     p = resolve_path(path)
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
@@ -66,8 +69,10 @@ def load_examples(path: str, answer_column: str = "answer",
             raise DataError(f"{p} row {i}: no non-empty user message")
         answer = row.get(answer_column) if answer_column in cols else None
         ref = row.get(reference_column) if reference_column else None
+        teacher = row.get(teacher_column) if teacher_column in cols else None
         out.append(Example(messages, None if answer is None else str(answer),
-                           None if ref is None else str(ref)))
+                           None if ref is None else str(ref),
+                           None if teacher is None else str(teacher)))
     if not out:
         raise DataError(f"{p} has no rows")
     return out

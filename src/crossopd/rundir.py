@@ -67,7 +67,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
     one side has (a config saved by another crossopd version) are not compared."""
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b))
-            if a[k] != b[k] and k not in RESUMABLE_KEYS]
+            if a[k] != b[k] and _as_teacher_key(k) not in RESUMABLE_KEYS]
+
+
+def _as_teacher_key(key: str) -> str:
+    """``teachers.<name>.urls`` may change like ``teacher.urls``."""
+    parts = key.split(".")
+    return "teacher." + ".".join(parts[2:]) if parts[0] == "teachers" and len(parts) > 2 else key
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

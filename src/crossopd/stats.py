@@ -12,6 +12,9 @@ import numpy as np
 from crossopd.bridge import TeacherRequest
 
 TIMING_PREFIX = "time/"
+# what each teacher of a run with several reports as ``teachers/<name>/<stat>``
+TEACHER_STATS = ("sequences", "signal_tokens", "coverage", "one_to_one_share", "kl_per_token",
+                 "kl_per_byte", "stop_rate", "overflowed_sequences")
 
 
 @contextmanager
@@ -75,6 +78,7 @@ class StepStats:
     def result(self) -> dict[str, float]:
         c = self.totals
         return {
+            "sequences": c["sequences"],
             "kl_per_token": c["kl_sum"] / max(c["signal_tokens"], 1),
             "kl_per_byte": c["kl_sum"] / max(c["aligned_bytes"], 1),
             "coverage": c["aligned_bytes"] / max(c["bytes"], 1),

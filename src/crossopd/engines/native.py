@@ -66,7 +66,8 @@ class NativeEngine:
             scored = rollout_and_score(student, run.teachers, batch, cfg.rollout,
                                        credit_rule=cfg.credit_rule,
                                        max_batch_tokens=cfg.max_batch_tokens,
-                                       adv_clamp=cfg.loss.adv_clamp)
+                                       adv_clamp=cfg.loss.adv_clamp,
+                                       mix=cfg.teacher_mix or None)
             times: dict[str, float] = {}
             with timed(times, "update"):
                 upd = update(student, scored, self.optimizer, self.scheduler, cfg.loss,

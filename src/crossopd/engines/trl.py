@@ -158,6 +158,7 @@ class TRLEngine:
                                   train_dataset=as_dataset(run.examples),
                                   processing_class=run.student.tokenizer,
                                   peft_config=lora_config(cfg), teachers=run.teachers,
+                                  teacher_mix=cfg.teacher_mix or None,
                                   student_format=run.student.fmt)
         return self.global_step(self.resume_from) // self.epochs
 

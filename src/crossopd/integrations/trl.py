@@ -26,7 +26,7 @@ from crossopd.bridge import ChatFormat, TeacherContext
 from crossopd.opd import advantage_stats, score_rollouts
 from crossopd.prompts import Example
 from crossopd.sides import StudentSide, TeacherSide, one_teacher
-from crossopd.stats import StepStats, add_timings, timed
+from crossopd.stats import TEACHER_STATS, StepStats, add_timings, timed
 from crossopd.tokens import ByteVocab
 
 try:
@@ -145,12 +145,14 @@ class OPDTrainer(GRPOHooks):
     (an HF tokenizer or its path; default the teacher's own). ``teachers``: already built
     teacher sides by name, instead of ``teacher``. Dataset rows need ``prompt`` (chat messages)
     and may carry ``answer``, ``reference`` (teacher-only context) and ``teacher`` (the name of
-    the teacher that scores the row)."""
+    the teacher that scores the row); ``teacher_mix`` (name -> weight) has every listed teacher
+    score every row instead."""
 
     def __init__(self, model: Any, teacher: Any = None, teacher_tokenizer: Any = None,
                  args: OPDConfig | None = None, train_dataset: Any = None,
                  processing_class: Any = None, *,
                  teachers: Mapping[str, TeacherSide] | None = None,
+                 teacher_mix: Mapping[str, float] | None = None,
                  student_format: ChatFormat | None = None, **kwargs: Any) -> None:
         from crossopd.hub import load_hf_model, load_hf_tokenizer
 
@@ -182,6 +184,7 @@ class OPDTrainer(GRPOHooks):
         self.student = side
         self.teachers = dict(teachers) if teachers is not None else one_teacher(
             build_teacher(teacher, teacher_tokenizer, args, device))
+        self.teacher_mix = dict(teacher_mix) if teacher_mix else None
         self.last_step_stats: dict[str, float] = {}
         self.last_step_totals: dict[str, float] = {}
 
@@ -201,7 +204,7 @@ class OPDTrainer(GRPOHooks):
                                 max_batch_tokens=self.args.opd_max_batch_tokens,
                                 old_logps=old_list,
                                 special_penalty=self.args.special_token_penalty(),
-                                adv_clamp=self.args.adv_clamp)
+                                adv_clamp=self.args.adv_clamp, mix=self.teacher_mix)
         adv = torch.zeros(c_ids.shape, dtype=torch.float32, device=c_ids.device)
         signal = torch.zeros(c_ids.shape, dtype=c_mask.dtype, device=c_ids.device)
         for i, (a, v) in enumerate(zip(scored.advantages, scored.signal)):
@@ -215,6 +218,13 @@ class OPDTrainer(GRPOHooks):
         stats = StepStats(self.last_step_totals).result()
         stats["world_size"] = self.accelerator.num_processes
         stats.update(advantage_stats(scored))  # this process's; the native engine's keys
+        if len(self.teachers) > 1:  # every process gathers every teacher, scored or not
+            for name in self.teachers:
+                team = StepStats(self.global_totals(scored.teacher_totals.get(name, {})))
+                stats.update({f"teachers/{name}/{k}": v for k, v in team.result().items()
+                              if k in TEACHER_STATS})
+            if self.teacher_mix:
+                stats["mix_partial_tokens"] = scored.stats["mix_partial_tokens"]
         times["student_logps"] += scored.times.pop("student_logps")
         add_timings(stats, {**times, **scored.times}, sum(lengths))
         self.last_step_stats = stats

@@ -18,10 +18,11 @@ import torch
 
 from crossopd.bridge import Message, TeacherRequest
 from crossopd.credit import CreditSpec
-from crossopd.opd import SampleCredit, credit_targets, teacher_requests
+from crossopd.opd import SampleCredit, credit_targets
 from crossopd.prompts import Example
 from crossopd.sides import StudentSide, TeacherSide
 from crossopd.stats import StepStats
+from crossopd.teaching import teacher_requests
 
 
 class TrajectoryError(ValueError):

@@ -33,9 +33,9 @@ from crossopd.integrations.verl.targets import (
     teacher_span,
     verl_targets,
 )
-from crossopd.opd import score_requests
 from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide
 from crossopd.stats import StepStats
+from crossopd.teaching import score_requests
 from crossopd.tokens import ByteVocab
 
 STATS_FIELD = "crossopd_stats"
