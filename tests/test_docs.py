@@ -52,3 +52,21 @@ def test_scale_opd_trainer_python_block_runs_as_written(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "'opd/coverage'" in proc.stdout and "'opd/signal_tokens'" in proc.stdout
+
+
+def test_config_two_teachers_block_runs_as_written(tmp_path):
+    """docs/config.md's two-teacher YAML on the bundled models, through `crossopd train`."""
+    ((name, lang, code),) = marked_blocks((DOCS / "config.md").read_text(encoding="utf-8"))
+    assert lang == "yaml"
+    (tmp_path / name).write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "crossopd", "train", name, "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "two_teachers" / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["teachers/gemma/sequences"] == r["teachers/smol/sequences"] == 4 for r in rows)
+    assert rows[-1]["teachers/smol/one_to_one_share"] == 1.0

@@ -129,6 +129,9 @@ def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path):
     (row,) = _rows(tmp_path / "run" / "metrics.jsonl")
     assert row["teachers/gemma/sequences"] == row["teachers/smol/sequences"] == row["sequences"]
     assert row["signal_tokens"] > 0 and result["heldout_kl_after"] is not None
+    from crossopd.report import teacher_names
+
+    assert teacher_names([row]) == ["gemma", "smol"]  # a line per teacher in the plots
 
 
 def test_one_teacher_under_teachers_gives_the_numbers_of_teacher(tiny, tmp_path):
@@ -193,3 +196,16 @@ def test_default_teacher_takes_rows_without_one(tiny, tmp_path):
     cfg = load_config(None, _overrides(tiny, tmp_path, "data.default_teacher=smol"))
     train, held = load_splits(cfg)
     assert {e.teacher for e in train + held} == {"smol"}
+
+
+def test_doctor_reports_each_pair(capsys):
+    from crossopd.cli import main
+
+    assert main(["doctor", "--student", "smollm2", "--teacher", "gemma3-270m", "--teacher",
+                 "smollm2", "--teacher-template", "Question: {prompt}\\nAnswer:",
+                 "--teacher-template", "", "--teacher-stop", "\\n\\nQuestion:",
+                 "--teacher-stop", "", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [p["teacher_name"] for p in r["pairs"]] == ["gemma3-270m", "smollm2"]
+    assert r["pairs"][1]["mean_one_to_one_share"] == 1.0  # the student's own tokenizer
+    assert r["teacher"] == r["pairs"][0]["teacher"]  # the single-pair keys: the first pair

@@ -163,21 +163,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from crossopd.doctor import render_report, run_doctor
+    from crossopd.doctor import doctor_pairs, render_report
 
-    scorer = None
-    if args.score:
-        from crossopd.teachers.hf import HFTeacher
-
-        quiet_hf()
-        scorer = HFTeacher.from_pretrained(args.teacher, device=args.device)
-    report = run_doctor(args.student, args.teacher, args.teacher_template, args.teacher_stop,
-                        scorer=scorer, teacher_url=args.teacher_url, served_name=args.served_name,
-                        data=args.data)
+    quiet_hf()
+    report = doctor_pairs(args.student, args.teacher, args.teacher_template, args.teacher_stop,
+                          score=args.score, device=args.device, teacher_url=args.teacher_url,
+                          served_name=args.served_name, data=args.data)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
-        print(render_report(report, args.student, args.teacher))
+        pairs = report.get("pairs") or [{"teacher_name": args.teacher[0], **report}]
+        print("\n\n".join(render_report(r, args.student, r["teacher_name"]) for r in pairs))
     return 0
 
 
@@ -296,11 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Tokenizer kinds, byte-view round trips, alignment coverage "
                          "on sample texts, both rendered prompts, both stop markers, warnings.")
     doc.add_argument("--student", required=True, help="student " + _tokenizer_help())
-    doc.add_argument("--teacher", required=True, help="teacher " + _tokenizer_help())
-    doc.add_argument("--teacher-template", help="plain prompt template for a teacher without a "
-                     "chat template, e.g. 'Question: {prompt}\\nAnswer:'")
-    doc.add_argument("--teacher-stop", help="what ends the teacher's answer (with a plain "
-                     "template), e.g. '\\n\\nQuestion:'")
+    doc.add_argument("--teacher", required=True, action="append",
+                     help="teacher " + _tokenizer_help() + "; repeat it for several teachers "
+                     "(one report per pair)")
+    doc.add_argument("--teacher-template", action="append",
+                     help="plain prompt template for a teacher without a chat template, e.g. "
+                     "'Question: {prompt}\\nAnswer:' (once for all teachers, or once per "
+                     "--teacher)")
+    doc.add_argument("--teacher-stop", action="append", help="what ends the teacher's answer "
+                     "(with a plain template), e.g. '\\n\\nQuestion:'")
     doc.add_argument("--score", action="store_true", help="load the teacher model and measure "
                      "its log-probs of sample answers: first token (the prompt/response seam), "
                      "the rest, the stop chunk; warns when the format costs nats")

@@ -243,3 +243,35 @@ def render_report(r: dict, student: str, teacher: str) -> str:
                   "model)", ""]
     lines += [f"warning: {w}" for w in r["warnings"]] or ["no warnings"]
     return "\n".join(lines)
+
+
+def per_teacher(values: list[str] | None, teachers: list[str]) -> list[str | None]:
+    """A flag given once applies to every teacher; given per teacher, in the same order."""
+    if not values:
+        return [None] * len(teachers)
+    if len(values) == 1:
+        return values * len(teachers)
+    if len(values) != len(teachers):
+        raise ValueError(f"{len(values)} --teacher-template/--teacher-stop values for "
+                         f"{len(teachers)} teachers: give one for all, or one per --teacher")
+    return list(values)
+
+
+def doctor_pairs(student: str, teachers: list[str], templates: list[str] | None = None,
+                 stops: list[str] | None = None, *, score: bool = False,
+                 device: str | None = None, **checks: Any) -> dict:
+    """``run_doctor`` for the student with each teacher. One teacher: its pair report; several:
+    the first pair's keys (the single-pair contract) plus ``pairs``, every pair's report with
+    its ``teacher_name``."""
+    reports = []
+    for teacher, template, stop in zip(teachers, per_teacher(templates, teachers),
+                                       per_teacher(stops, teachers)):
+        scorer = None
+        if score:
+            from crossopd.teachers.hf import HFTeacher
+
+            scorer = HFTeacher.from_pretrained(teacher, device=device)
+        reports.append(run_doctor(student, teacher, template, stop, scorer=scorer, **checks))
+    if len(reports) == 1:
+        return reports[0]
+    return {**reports[0], "pairs": [{"teacher_name": t, **r} for t, r in zip(teachers, reports)]}

@@ -148,18 +148,34 @@ def _benchmark_samples(out_dir: Path, shown: int = 5) -> str:
             "<th>grade</th></tr>" + "".join(rows) + "</table>")
 
 
+def teacher_names(metrics: list[dict]) -> list[str]:
+    """The teachers of a run with several (its ``teachers/<name>/...`` metrics), in order."""
+    seen: dict[str, None] = {}
+    for row in metrics[:1]:
+        for key in row:
+            if key.startswith("teachers/"):
+                seen[key.split("/")[1]] = None
+    return list(seen)
+
+
 def write_report(out_dir: Path) -> Path:
     """Plots and ``report.html`` in ``out_dir`` from its metrics.jsonl and eval.jsonl."""
     out_dir = Path(out_dir)
     metrics = read_jsonl(out_dir / "metrics.jsonl")
     evals = read_jsonl(out_dir / "eval.jsonl")
+    names = teacher_names(metrics)  # a run with several teachers: one line per teacher
     plots = {
         "kl.png": ("Reverse KL per byte (student vs teacher)", [
             ("train (rollouts)", *_col(metrics, "kl_per_byte")),
-            ("held-out eval", *_col(evals, "kl_per_byte"))], "nats / byte"),
+            ("held-out eval", *_col(evals, "kl_per_byte")),
+            *((f"train, {n}", *_col(metrics, f"teachers/{n}/kl_per_byte")) for n in names),
+            *((f"held-out, {n}", *_col(evals, f"teachers/{n}/kl_per_byte")) for n in names)],
+            "nats / byte"),
         "coverage.png": ("Alignment", [
             ("coverage", *_col(metrics, "coverage")),
-            ("1:1 chunk share", *_col(metrics, "one_to_one_share"))], "fraction"),
+            ("1:1 chunk share", *_col(metrics, "one_to_one_share")),
+            *((f"coverage, {n}", *_col(metrics, f"teachers/{n}/coverage")) for n in names)],
+            "fraction"),
         "eval.png": ("Held-out evaluation", [
             ("stop rate", *_col(evals, "stop_rate")),
             ("accuracy", *_col(evals, "accuracy")),
