@@ -169,3 +169,42 @@ def test_the_environment_has_what_verls_trainers_import():
     for name in ("verl.trainer.ppo.v1.trainer_base", "verl.experimental.agent_loop.agent_loop",
                  "verl.trainer.main_ppo"):
         importlib.import_module(name)
+
+
+def test_two_teachers_routed_by_the_samples_data_source():
+    """`+crossopd.teachers.<name>`: each sample goes to the teacher its data_source names, and
+    the batch metrics have each teacher's counts; an unknown name is one line."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    from crossopd.hub import load_hf_tokenizer
+    from crossopd.integrations.verl.check import PLAIN
+    from crossopd.integrations.verl.worker import opd_metrics, teacher_step
+
+    s_tok = load_hf_tokenizer("smollm2")
+    config = OmegaConf.create({"crossopd": {"teachers": {
+        "gemma": {"model": "gemma3-270m", **PLAIN}, "smol": {"model": "smollm2"}}}})
+    step = teacher_step(config, s_tok)
+    messages = [{"role": "user", "content": "Nina has 9 pears. How many pears?"}]
+    response = s_tok("Nina has 9 pears.", add_special_tokens=False)["input_ids"]
+    prompt = step.student.fmt.prompt_ids(messages)
+    stats = []
+    for source in ("gemma", "smol", "gemma"):
+        out = AgentLoopOutput(prompt_ids=prompt, response_ids=list(response),
+                              response_mask=[1] * len(response),
+                              response_logprobs=[-1.0] * len(response), num_turns=2,
+                              metrics=AgentLoopMetrics())
+        asyncio.run(step.run(out, {"raw_prompt": messages, "data_source": np.array(source)}))
+        assert out.extra_fields["crossopd_stats"]["teacher"] == source
+        assert torch.isfinite(out.extra_fields["teacher_logprobs"]).all()
+        stats.append(out.extra_fields["crossopd_stats"])
+    m = opd_metrics(stats)
+    assert m["opd/teachers/gemma/sequences"] == 2 and m["opd/teachers/smol/sequences"] == 1
+    assert m["opd/teachers/smol/one_to_one_share"] == 1.0 and m["opd/sequences"] == 3
+    with pytest.raises(ValueError, match="data_source is 'phi', which names no teacher; "
+                                         "crossopd.teachers: gemma, smol"):
+        asyncio.run(step.run(out, {"raw_prompt": messages, "data_source": "phi"}))

@@ -56,7 +56,7 @@ def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
     spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
     with torch.no_grad():
         old = [o.double() for o in score_sequences(student.model, seqs, spans)]
-    native = score_rollouts(student, {"teacher": step.teacher}, exs, prompts, responses,
+    native = score_rollouts(student, step.teachers, exs, prompts, responses,
                             old_logps=old, credit_rule=step.settings.credit_rule,
                             special_penalty=step.settings.special_token_penalty())
     return s_tok, step, exs, prompts, responses, old, native

@@ -34,7 +34,7 @@ from crossopd.integrations.verl.targets import (
     verl_targets,
 )
 from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide
-from crossopd.stats import StepStats
+from crossopd.stats import TEACHER_STATS, StepStats
 from crossopd.teaching import score_requests
 from crossopd.tokens import ByteVocab
 
@@ -68,6 +68,10 @@ class VerlSettings:
     # crossopd's teacher (urls: an HTTP pool, model: in process) or, with neither, the format
     # of the teacher verl's own pool serves (distillation.teacher_models)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several of crossopd's teachers by name; a sample goes to the one its `teacher_key` field
+    # names (verl's own routing field, as distillation.teacher_key)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    teacher_key: str = "data_source"
     credit_rule: str = "proportional"
     special_tokens: str = "penalize"  # penalize | mask (verl's rollout decides where turns end)
     special_penalty: float = 5.0
@@ -91,6 +95,13 @@ def settings_from(config: Any) -> VerlSettings:
     if settings.special_tokens not in ("penalize", "mask"):
         raise ConfigError(f"crossopd.special_tokens {settings.special_tokens!r}: penalize or mask")
     t = settings.teacher
+    for name, each in settings.teachers.items():
+        if bool(each.model) == bool(each.urls):
+            raise ConfigError(f"crossopd.teachers.{name}: set model (in process) or urls (HTTP)")
+    if settings.teachers:
+        if t.model or t.urls:
+            raise ConfigError("set crossopd.teacher or crossopd.teachers, not both")
+        return settings
     if t.model and t.urls:
         raise ConfigError("crossopd.teacher: set model (in process) or urls (HTTP), not both")
     if not (t.model or t.urls):
@@ -138,18 +149,31 @@ class TeacherStep:
     """crossopd's teacher step with everything it needs, built once per worker."""
 
     student: StudentSide
-    teacher: TeacherSide
+    teachers: dict[str, TeacherSide]
     settings: VerlSettings
     pool: Any = None  # verl's AsyncTeacherLLMServerManager when verl's replicas score
+
+    def teacher_for(self, kwargs: dict) -> TeacherSide:
+        """The sample's teacher: the only one, or the one its ``teacher_key`` field names."""
+        if len(self.teachers) == 1:
+            return next(iter(self.teachers.values()))
+        key = self.settings.teacher_key
+        value = kwargs.get(key)
+        name = value.item() if hasattr(value, "item") else value
+        if name not in self.teachers:
+            raise ValueError(f"crossopd: the sample's {key} is {name!r}, which names no teacher; "
+                             f"crossopd.teachers: {', '.join(self.teachers)}")
+        return self.teachers[name]
 
     async def run(self, output: Any, kwargs: dict) -> None:
         """Fill ``output``'s teacher fields and trim its response mask, in place."""
         check_single_turn(output.response_mask, output.num_turns)
         messages = as_messages(kwargs["raw_prompt"])
-        column = self.settings.teacher.reference_column
+        teacher = self.teacher_for(kwargs)
+        section = self.settings.teachers.get(teacher.name, self.settings.teacher)
+        column = section.reference_column
         reference = (kwargs.get("extra_info") or {}).get(column) if column else None
-        req = bridge_request(self.student, self.teacher, messages, output.response_ids,
-                             reference)
+        req = bridge_request(self.student, teacher, messages, output.response_ids, reference)
         if req.overflow or req.stop_end <= req.response_start:
             t_lp = None
         elif self.pool is not None:
@@ -157,15 +181,15 @@ class TeacherStep:
                 sequence_ids=req.teacher_ids)
             t_lp = teacher_span(req, shifted)
         else:  # crossopd's own teacher blocks on HTTP or a forward pass: off the event loop
-            (t_lp,) = await asyncio.to_thread(score_requests, self.teacher, [req])
-        t = verl_targets(self.student, self.teacher, req, output.prompt_ids,
+            (t_lp,) = await asyncio.to_thread(score_requests, teacher, [req])
+        t = verl_targets(self.student, teacher, req, output.prompt_ids,
                          output.response_ids, output.response_logprobs or [], t_lp,
                          rule=self.settings.credit_rule,
                          special_penalty=self.settings.special_token_penalty())
         output.response_mask = t.response_mask
         output.extra_fields["teacher_ids"] = t.teacher_ids
         output.extra_fields["teacher_logprobs"] = t.teacher_logprobs
-        output.extra_fields[STATS_FIELD] = dict(t.stats.totals)
+        output.extra_fields[STATS_FIELD] = {"teacher": teacher.name, **t.stats.totals}
 
 
 def student_side(tokenizer: Any) -> StudentSide:
@@ -184,11 +208,14 @@ def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
     settings = settings_from(config)
     t_cfg = settings.teacher
     student = student_side(tokenizer)
-    if t_cfg.model or t_cfg.urls:
-        t_tok = check_teacher(t_cfg)
-        teacher = build_teacher(t_cfg, t_tok, name=DEFAULT_TEACHER, device=resolve_device("auto"),
-                                max_batch_tokens=settings.max_batch_tokens)
-        return TeacherStep(student, teacher, settings)
+    own = settings.teachers or ({DEFAULT_TEACHER: t_cfg} if t_cfg.model or t_cfg.urls else {})
+    if own:
+        tokenizers = {name: check_teacher(t) for name, t in own.items()}  # all before models
+        teachers = {name: build_teacher(t, tokenizers[name], name=name,
+                                        device=resolve_device("auto"),
+                                        max_batch_tokens=settings.max_batch_tokens)
+                    for name, t in own.items()}
+        return TeacherStep(student, teachers, settings)
     from crossopd.hub import load_hf_tokenizer
 
     spec = _pool_teacher(config)
@@ -200,7 +227,7 @@ def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
     teacher = TeacherSide.from_tokenizer(None, t_tok, fmt=fmt)  # type: ignore[arg-type]
     rollout = config.actor_rollout_ref.rollout
     pool_context_check(teacher, student, limit, rollout.prompt_length, rollout.response_length)
-    return TeacherStep(student, teacher, settings, pool=pool)
+    return TeacherStep(student, {DEFAULT_TEACHER: teacher}, settings, pool=pool)
 
 
 class CrossOPDAgentLoopWorker(AgentLoopWorker):
@@ -210,8 +237,8 @@ class CrossOPDAgentLoopWorker(AgentLoopWorker):
     def __init__(self, config: Any, llm_client: Any, teacher_client: Any = None,
                  reward_loop_worker_handles: Any = None) -> None:
         check_private_api()
-        own = settings_from(config).teacher
-        if own.model or own.urls:
+        own = settings_from(config)
+        if own.teachers or own.teacher.model or own.teacher.urls:
             # crossopd's own teacher scores: verl's teacher client is not built (its pool may
             # be empty), only its distillation loss path stays on in the actor
             from omegaconf import OmegaConf
@@ -234,12 +261,20 @@ class CrossOPDAgentLoopWorker(AgentLoopWorker):
 
 
 def opd_metrics(stats: Any) -> dict[str, float]:
-    """``opd/<name>`` for a batch: the per-sample counts summed, then the ratios."""
+    """``opd/<name>`` for a batch: the per-sample counts summed, then the ratios; with several
+    teachers also ``opd/teachers/<teacher>/<name>``."""
     rows = [s for s in (stats if stats is not None else []) if s]
-    total = StepStats()
+    total, team = StepStats(), {}
     for row in rows:
-        total.merge(StepStats(row))
-    return {f"opd/{k}": float(v) for k, v in total.result().items()} if rows else {}
+        counts = {k: v for k, v in row.items() if k != "teacher"}
+        total.merge(StepStats(counts))
+        team.setdefault(row.get("teacher"), StepStats()).merge(StepStats(counts))
+    out = {f"opd/{k}": float(v) for k, v in total.result().items()} if rows else {}
+    if len(team) > 1:
+        for name, st in team.items():
+            out.update({f"opd/teachers/{name}/{k}": float(v) for k, v in st.result().items()
+                        if k in TEACHER_STATS})
+    return out
 
 
 class CrossOPDAgentLoopManager(AgentLoopManager):
