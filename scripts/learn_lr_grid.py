@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossopd.bench.learn import PRESETS, load_models, run_opd, run_sft, splits
+from crossopd.bench.learn import PRESETS, load_models, splits
+from crossopd.bench.learn_arms import run_opd, run_sft
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
 from crossopd.bench.learn_task import correct_answers
 from crossopd.files import cache_dir

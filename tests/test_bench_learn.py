@@ -62,7 +62,8 @@ def test_tokenizers_disagree_on_digit_boundaries_but_align_exactly():
 def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
     r = bench_learn("tiny", out_dir=tmp_path / "out", progress=lambda m: None)
-    assert set(r["arms"]) == set(ARMS) and {"opd_cross_chunk", "uld"} <= set(ARMS)
+    assert set(r["arms"]) == set(ARMS) and {"opd_cross_chunk", "uld", "opd_oracle"} <= set(ARMS)
+    assert set(r["ratio_cross_oracle"]) >= {"value", "ci_low", "ci_high"}
     for arm in r["arms"]:
         a = r["arms"][arm]
         assert 0.0 <= a["acc_mean"] <= 1.0 and a["acc_std"] >= 0.0

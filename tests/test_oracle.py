@@ -265,3 +265,42 @@ def test_one_byte_marginals_add_up_to_not_ending():
     assert np.exp(got).sum() == pytest.approx(1 - p_end, abs=1e-12)
     two = sum(brute_f((1, 2), bytes(s)) for s in itertools.product(b"abc", repeat=2))
     assert two < 1 - p_end  # some continuations end after one byte
+
+
+def test_oracle_arm_trains_on_the_oracles_targets(models):
+    """The opd_oracle arm's step data: the oracle's targets for the same rollouts (read off the
+    same requests, alignments and teacher log-probs), the same special-token penalty as the
+    credit rules get, advantages clamp(q - old), and the rollouts' statistics unchanged."""
+    from crossopd.bench.learn_arms import oracle_scored
+    from crossopd.loss import LossConfig
+
+    student, teachers = sides(models)
+    sv, tv = student.vocab, teachers["teacher"].vocab
+    examples = [Example([{"role": "user", "content": p}], str(a))
+                for p, _, a in make_split(6, 9)]
+    torch.manual_seed(1)
+    rollout = RolloutConfig(max_new_tokens=12)
+    scored = rollout_and_score(student, teachers, examples, rollout)
+    lp = PrefixLogprobs.from_model(models["teacher_x"][0])
+    arm = oracle_scored(scored, lp, sv, tv, rollout.special_token_penalty())
+    direct = rollout_oracle(lp, sv, tv, scored.requests, scored.alignments,
+                            scored.teacher_logps)
+    clamp = LossConfig().adv_clamp
+    compared = 0
+    for q, d, old, req, a, v in zip(arm.targets, direct, arm.old_logps, scored.requests,
+                                    arm.advantages, arm.signal):
+        special = sv.special[req.student_response].copy()
+        if req.student_stop_index is not None:
+            special[req.student_stop_index] = False
+        plain = ~special
+        np.testing.assert_array_equal(q.numpy()[plain], d[plain])  # bit for bit
+        np.testing.assert_allclose(q.numpy()[special], old.numpy()[special] - 5.0)
+        ok = ~np.isnan(q.numpy())
+        assert v.numpy().tolist() == ok.tolist()
+        np.testing.assert_allclose(a.numpy()[ok], np.clip(q.numpy()[ok] - old.numpy()[ok],
+                                                          -clamp, clamp))
+        compared += int(ok.sum())
+    assert compared > 0 and arm.stats == scored.stats
+    # not the credit rule's targets: the chunks that are not 1:1 differ
+    assert any(not np.allclose(np.nan_to_num(q.numpy()), np.nan_to_num(c.numpy()))
+               for q, c in zip(arm.targets, scored.targets))

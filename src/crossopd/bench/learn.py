@@ -26,21 +26,17 @@ import copy
 import dataclasses
 import hashlib
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from crossopd.bench.learn_arms import run_opd, run_sft, run_uld
 from crossopd.bench.learn_stats import MATCH_TOLERANCE, save_runs, summarise
 from crossopd.bench.learn_task import (
     accuracy,
     correct_answers,
     encode_pair,
-    generate_texts,
     make_split,
     new_model,
     supervised_train,
@@ -48,16 +44,14 @@ from crossopd.bench.learn_task import (
     train_teacher_tokenizer,
 )
 from crossopd.bench.oracle import diagnose, identity_check
-from crossopd.config import RolloutConfig
 from crossopd.credit import BUILTIN_RULES
 from crossopd.files import atomic_dir_write, cache_dir
-from crossopd.loss import LossConfig
-from crossopd.opd import rollout_and_score, update
-from crossopd.prompts import Example
-from crossopd.sides import hf_pair
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
-ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_same", "uld")
+# opd_oracle: the cross-family teacher's exact byte-marginal targets (its knowledge without the
+# chunk credit guess); opd_same: a separately trained same-tokenizer teacher
+ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_oracle", "opd_same",
+        "uld")
 
 
 # ------------------------------------------------------------------------------ presets
@@ -218,122 +212,6 @@ def _pretrain(out: Path, tok: Any, train, preset: Preset, steps: int, seed: int,
     return seen["val_acc"]
 
 
-def _curve_points(preset: Preset) -> list[int]:
-    return [round(preset.budget_tokens * (k + 1) / preset.evals) for k in range(preset.evals)]
-
-
-def _checkpoint(curve: list, tokens: int, student: Any, tok: Any, test_set,
-                preset: Preset) -> np.ndarray:
-    """Scores the student on the test split, adds the point to ``curve``, returns the per-problem
-    answers (the last checkpoint's feed the bootstrap)."""
-    was_training = student.training
-    student.eval()
-    correct = correct_answers(student, tok, test_set, preset.max_new_tokens)
-    student.train(was_training)
-    curve.append((tokens, float(correct.mean())))
-    return correct
-
-
-def run_opd(models: dict, teacher_key: str, rule: str, preset: Preset, seed: int,
-            train_set, test_set) -> dict:
-    student, s_tok = models["student"]
-    student = copy.deepcopy(student)
-    teacher, t_tok = models[teacher_key]
-    s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
-    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
-    opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tokens, curve, shares, points = 0, [], [], _curve_points(preset)
-    while tokens < preset.budget_tokens:
-        batch = [Example([{"role": "user", "content": p}], str(a))
-                 for p, _, a in rng.sample(train_set, preset.opd_batch)]
-        scored = rollout_and_score(s_side, teachers, batch, rollout, credit_rule=rule)
-        update(s_side, scored, opt, sched, LossConfig())
-        tokens += int(scored.stats["response_tokens"])
-        shares.append(scored.stats["one_to_one_share"])
-        while points and tokens >= points[0]:
-            correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
-            points.pop(0)
-    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
-            "one_to_one_share": float(np.mean(shares))}
-
-
-def teacher_samples(models: dict, preset: Preset, seed: int, train_set) -> list[tuple]:
-    """(problem, teacher text) for up to 2000 training prompts, sampled from T_x."""
-    teacher, t_tok = models["teacher_x"]
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    probs = rng.sample(train_set, min(len(train_set), 2000))
-    texts = generate_texts(teacher, t_tok, [p[0] for p in probs], preset.max_new_tokens,
-                           sample=True)
-    return list(zip(probs, texts))
-
-
-def run_sft(models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
-    """Cross-entropy on T_x's own samples, re-spelled in the student's tokenization."""
-    student, s_tok = models["student"]
-    student = copy.deepcopy(student)
-    pairs = []
-    for prob, text in teacher_samples(models, preset, seed, train_set):
-        p_ids, r_ids = encode_pair(s_tok, prob[0], text)
-        pairs.append((p_ids, r_ids[:160]))  # a rambling sample stays within context
-    per_step = 32
-    avg = float(np.mean([len(r) for _, r in pairs]))
-    curve, tokens = [], 0
-    for point in _curve_points(preset):
-        steps = max(1, round((point - tokens) / (per_step * avg)))
-        tokens += supervised_train(student, pairs, steps, preset.sft_lr, per_step, seed + tokens)
-        correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
-    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
-
-
-def run_uld(models: dict, preset: Preset, seed: int, train_set, test_set,
-            weight: float = 1.0) -> dict:
-    """ULD (Boizard et al. 2024): cross-entropy on teacher samples plus the L1 distance between
-    the sorted teacher and student next-token distributions, position k against position k of
-    each side's own tokenization (truncated to the shorter), vocabularies zero-padded."""
-    student, s_tok = models["student"]
-    student = copy.deepcopy(student)
-    teacher, t_tok = models["teacher_x"]
-    data = []
-    for prob, text in teacher_samples(models, preset, seed, train_set):
-        sp, sr = encode_pair(s_tok, prob[0], text)
-        tp, tr = encode_pair(t_tok, prob[0], text)
-        data.append(((sp, sr[:160]), (tp, tr[:160])))
-    opt = torch.optim.AdamW(student.parameters(), lr=preset.uld_lr, weight_decay=0.01)
-    rng = np.random.default_rng(seed)
-    v_max = max(len(s_tok), len(t_tok))
-    curve, tokens, points = [], 0, _curve_points(preset)
-    student.train()
-    while points:
-        batch = [data[i] for i in rng.integers(0, len(data), size=32)]
-        loss = 0.0
-        for (sp, sr), (tp, tr) in batch:
-            s_ids = torch.tensor([sp + sr])
-            s_logits = student(input_ids=s_ids).logits[0, len(sp) - 1: len(sp) + len(sr) - 1]
-            ce = torch.nn.functional.cross_entropy(s_logits, torch.tensor(sr))
-            with torch.no_grad():
-                t_logits = teacher(input_ids=torch.tensor([tp + tr])).logits[
-                    0, len(tp) - 1: len(tp) + len(tr) - 1]
-            k = min(len(sr), len(tr))
-            ps = torch.nn.functional.pad(s_logits[:k].softmax(-1), (0, v_max - len(s_tok)))
-            pt = torch.nn.functional.pad(t_logits[:k].softmax(-1), (0, v_max - len(t_tok)))
-            l1 = (ps.sort(-1, descending=True).values - pt.sort(-1, descending=True).values)
-            loss = loss + ce + weight * l1.abs().sum(-1).mean()
-            tokens += len(sr)
-        opt.zero_grad(set_to_none=True)
-        (loss / len(batch)).backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        while points and tokens >= points[0]:
-            correct = _checkpoint(curve, tokens, student, s_tok, test_set, preset)
-            points.pop(0)
-    student.eval()
-    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
-
-
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
                 progress=print, settings: list[str] | None = None) -> dict:
     """Runs the preset (with ``settings``, ``key=value`` overrides) and writes ``runs.json``,
@@ -363,6 +241,9 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
                 runs[arm].append(run_sft(models, preset, seed, train_set, test_set))
             elif arm == "uld":
                 runs[arm].append(run_uld(models, preset, seed, train_set, test_set))
+            elif arm == "opd_oracle":
+                runs[arm].append(run_opd(models, "teacher_x", "proportional", preset, seed,
+                                         train_set, test_set, oracle=True))
             elif arm == "opd_same":
                 runs[arm].append(run_opd(models, "teacher_s", "proportional", preset, seed,
                                          train_set, test_set))

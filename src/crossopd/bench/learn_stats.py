@@ -139,6 +139,10 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         "teachers": teachers,
         "arms": arms,
         "one_to_one_share": arms.get(cross, {}).get("one_to_one_share"),
+        # the headline once the oracle arm runs: the same teacher's knowledge, exactly projected,
+        # against cross-OPD's chunk credit: what DPCA plus credit cost
+        "ratio_cross_oracle": stat(gain_ratio(cross, "opd_oracle", "untrained"), cross,
+                                   "opd_oracle"),
         "ratio_cross_same": ratio,
         "cross_same_gain_ratio": ratio["value"],  # the v1 key
         "ratios": ratios,
@@ -170,6 +174,10 @@ def render_learn_table(r: dict) -> str:
         need = a.get("tokens_to_sft_final")
         lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
                      f"{a['student_tokens']:>15} {'' if need is None else need:>18}")
+    oracle = r.get("ratio_cross_oracle")
+    if oracle is not None:
+        lines.append("cross/oracle gain ratio (same teacher, exact targets): "
+                     + (oracle.get("refused") or _interval(oracle)))
     ratio = r["ratio_cross_same"]
     lines.append("cross/same gain ratio: " + (ratio.get("refused") or _interval(ratio)))
     for rule, d in r.get("ratios", {}).items():

@@ -1,0 +1,171 @@
+"""The arms of ``crossopd bench learn``: OPD (through the step library, with any credit rule or
+the exact byte-marginal oracle targets), SFT on teacher samples, and ULD, each on an equal
+budget of student tokens with accuracy checkpoints along the way."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossopd.bench.learn_task import (
+    correct_answers,
+    encode_pair,
+    generate_texts,
+    supervised_train,
+)
+from crossopd.bench.oracle import PrefixLogprobs, rollout_oracle
+from crossopd.config import RolloutConfig
+from crossopd.loss import LossConfig, advantages
+from crossopd.opd import Scored, penalize_specials, rollout_and_score, update
+from crossopd.prompts import Example
+from crossopd.sides import hf_pair
+
+
+def curve_points(preset: Any) -> list[int]:
+    return [round(preset.budget_tokens * (k + 1) / preset.evals) for k in range(preset.evals)]
+
+
+def checkpoint(curve: list, tokens: int, student: Any, tok: Any, test_set,
+                preset: Any) -> np.ndarray:
+    """Scores the student on the test split, adds the point to ``curve``, returns the per-problem
+    answers (the last checkpoint's feed the bootstrap)."""
+    was_training = student.training
+    student.eval()
+    correct = correct_answers(student, tok, test_set, preset.max_new_tokens)
+    student.train(was_training)
+    curve.append((tokens, float(correct.mean())))
+    return correct
+
+
+def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
+            train_set, test_set, oracle: bool = False) -> dict:
+    """OPD from ``teacher_key`` with credit ``rule``; ``oracle``: trained on the teacher's exact
+    byte-marginal log-prob of every student token instead (``oracle_scored``), the same
+    teacher's knowledge without the chunk credit guess."""
+    student, s_tok = models["student"]
+    student = copy.deepcopy(student)
+    teacher, t_tok = models[teacher_key]
+    s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
+    prefix = PrefixLogprobs.from_model(teacher) if oracle else None
+    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
+    opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokens, curve, shares, points = 0, [], [], curve_points(preset)
+    while tokens < preset.budget_tokens:
+        batch = [Example([{"role": "user", "content": p}], str(a))
+                 for p, _, a in rng.sample(train_set, preset.opd_batch)]
+        scored = rollout_and_score(s_side, teachers, batch, rollout, credit_rule=rule)
+        if prefix is not None:
+            scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
+                                   rollout.special_token_penalty())
+        update(s_side, scored, opt, sched, LossConfig())
+        tokens += int(scored.stats["response_tokens"])
+        shares.append(scored.stats["one_to_one_share"])
+        while points and tokens >= points[0]:
+            correct = checkpoint(curve, tokens, student, s_tok, test_set, preset)
+            points.pop(0)
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
+            "one_to_one_share": float(np.mean(shares))}
+
+
+def teacher_samples(models: dict, preset: Any, seed: int, train_set) -> list[tuple]:
+    """(problem, teacher text) for up to 2000 training prompts, sampled from T_x."""
+    teacher, t_tok = models["teacher_x"]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    probs = rng.sample(train_set, min(len(train_set), 2000))
+    texts = generate_texts(teacher, t_tok, [p[0] for p in probs], preset.max_new_tokens,
+                           sample=True)
+    return list(zip(probs, texts))
+
+
+def run_sft(models: dict, preset: Any, seed: int, train_set, test_set) -> dict:
+    """Cross-entropy on T_x's own samples, re-spelled in the student's tokenization."""
+    student, s_tok = models["student"]
+    student = copy.deepcopy(student)
+    pairs = []
+    for prob, text in teacher_samples(models, preset, seed, train_set):
+        p_ids, r_ids = encode_pair(s_tok, prob[0], text)
+        pairs.append((p_ids, r_ids[:160]))  # a rambling sample stays within context
+    per_step = 32
+    avg = float(np.mean([len(r) for _, r in pairs]))
+    curve, tokens = [], 0
+    for point in curve_points(preset):
+        steps = max(1, round((point - tokens) / (per_step * avg)))
+        tokens += supervised_train(student, pairs, steps, preset.sft_lr, per_step, seed + tokens)
+        correct = checkpoint(curve, tokens, student, s_tok, test_set, preset)
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
+
+
+def run_uld(models: dict, preset: Any, seed: int, train_set, test_set,
+            weight: float = 1.0) -> dict:
+    """ULD (Boizard et al. 2024): cross-entropy on teacher samples plus the L1 distance between
+    the sorted teacher and student next-token distributions, position k against position k of
+    each side's own tokenization (truncated to the shorter), vocabularies zero-padded."""
+    student, s_tok = models["student"]
+    student = copy.deepcopy(student)
+    teacher, t_tok = models["teacher_x"]
+    data = []
+    for prob, text in teacher_samples(models, preset, seed, train_set):
+        sp, sr = encode_pair(s_tok, prob[0], text)
+        tp, tr = encode_pair(t_tok, prob[0], text)
+        data.append(((sp, sr[:160]), (tp, tr[:160])))
+    opt = torch.optim.AdamW(student.parameters(), lr=preset.uld_lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    v_max = max(len(s_tok), len(t_tok))
+    curve, tokens, points = [], 0, curve_points(preset)
+    student.train()
+    while points:
+        batch = [data[i] for i in rng.integers(0, len(data), size=32)]
+        loss = 0.0
+        for (sp, sr), (tp, tr) in batch:
+            s_ids = torch.tensor([sp + sr])
+            s_logits = student(input_ids=s_ids).logits[0, len(sp) - 1: len(sp) + len(sr) - 1]
+            ce = torch.nn.functional.cross_entropy(s_logits, torch.tensor(sr))
+            with torch.no_grad():
+                t_logits = teacher(input_ids=torch.tensor([tp + tr])).logits[
+                    0, len(tp) - 1: len(tp) + len(tr) - 1]
+            k = min(len(sr), len(tr))
+            ps = torch.nn.functional.pad(s_logits[:k].softmax(-1), (0, v_max - len(s_tok)))
+            pt = torch.nn.functional.pad(t_logits[:k].softmax(-1), (0, v_max - len(t_tok)))
+            l1 = (ps.sort(-1, descending=True).values - pt.sort(-1, descending=True).values)
+            loss = loss + ce + weight * l1.abs().sum(-1).mean()
+            tokens += len(sr)
+        opt.zero_grad(set_to_none=True)
+        (loss / len(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        while points and tokens >= points[0]:
+            correct = checkpoint(curve, tokens, student, s_tok, test_set, preset)
+            points.pop(0)
+    student.eval()
+    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
+
+
+
+
+def oracle_scored(scored: Scored, prefix: PrefixLogprobs, sv: Any, tv: Any,
+                  special_penalty: float | None) -> Scored:
+    """``scored`` with its targets replaced by the oracle's (``bench.oracle.rollout_oracle``:
+    the teacher's exact byte-marginal log-prob of each student token, read off the same
+    requests, alignments and teacher log-probs), the same special-token penalties, and the
+    advantages recomputed; everything else, statistics included, as scored."""
+    targets = rollout_oracle(prefix, sv, tv, scored.requests, scored.alignments,
+                             scored.teacher_logps)
+    clamp = LossConfig().adv_clamp
+    qs, advs, signal = [], [], []
+    for q, req, old in zip(targets, scored.requests, scored.old_logps):
+        penalize_specials(q, old.numpy(), req, sv.special, special_penalty)
+        q_t = torch.from_numpy(q)
+        a, v = advantages(q_t, old, clamp)
+        qs.append(q_t)
+        advs.append(a)
+        signal.append(v)
+    return dataclasses.replace(scored, targets=qs, advantages=advs, signal=signal)
