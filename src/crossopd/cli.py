@@ -71,6 +71,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         preset = args.preset or ("quick" if args.quick else "full")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+        if args.multi_teacher:
+            from crossopd.bench.learn_multi import bench_learn_multi, render_multi_table
+
+            if args.overrides:
+                raise ValueError("bench learn --multi-teacher takes no KEY=VALUE overrides")
+            result = bench_learn_multi("quick" if preset == "full" else preset,
+                                       out_dir=args.out or "runs/bench_learn_multi", progress=log)
+            print(json.dumps(result) if args.json else render_multi_table(result))
+            return 0
         result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log,
                              settings=args.overrides)
         print(json.dumps(result) if args.json else render_learn_table(result))
@@ -239,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--multi-teacher", action="store_true", help="learn: two teachers of two "
+                   "tokenizer families, each strong on one of two sub-tasks: routed, mixed, "
+                   "each alone, SFT on the routed teachers' samples (tiny or quick preset)")
     b.add_argument("--preset", choices=["tiny", "quick", "full"], help="learn: size preset "
                    "(default: quick with --quick, else full)")
     b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
