@@ -59,8 +59,10 @@ class MultiPreset:
     layers: int = 2
     teacher_steps: int = 1500
     weak_share: float = 0.05  # the share of its weak sub-task in a teacher's training data
-    student_steps: int = 300
-    budget_tokens: int = 40_000
+    # a student that starts with some of both skills (as bench learn's), so OPD has samples to
+    # shape; 300 steps left it at ~0.5% and every arm at noise
+    student_steps: int = 800
+    budget_tokens: int = 80_000
     opd_batch: int = 32
     lr: float = 3e-4
     seeds: int = 3
@@ -101,37 +103,48 @@ def splits(preset: MultiPreset) -> tuple[dict[str, list], dict[str, list]]:
 
 
 def load_models(preset: MultiPreset, root: Path, progress=print) -> dict[str, Any]:
-    """The two specialist teachers and the student (trained once, cached by preset)."""
+    """The two specialist teachers and the student, each trained once and cached (the teachers
+    by the fields they depend on, so a new student budget reuses them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = hashlib.sha1(json.dumps(asdict(preset), sort_keys=True).encode()).hexdigest()[:12]
-    path = root / f"multi-v1-{key}"
+    def key(*fields: str) -> str:
+        data = {k: v for k, v in asdict(preset).items() if k in fields}
+        return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    shared = ("n_train", "n_test", "width", "layers")
+    teachers = root / f"multi-v1-{key(*shared, 'teacher_steps', 'weak_share')}"
+    student = root / f"multi-v1-{key(*shared, 'student_steps')}-student"
     train, _ = splits(preset)
-    if not (path / "done").exists():
+    corpus = [p + s for k in KINDS for p, s, _ in train[k]]
+
+    def fit(tmp: Path, tok: Any, strong: str | None, steps: int, seed: int, name: str) -> None:
+        t0 = time.perf_counter()
+        rows = mix_rows(train, strong, preset.weak_share, seed)
+        model = new_model(len(tok), seed, preset.width, preset.layers)
+        supervised_train(model, [encode_pair(tok, p, s) for p, s, _ in rows], steps, 3e-3, 64,
+                         seed)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        progress(f"trained {name} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+
+    if not (teachers / "done").exists():
         def build(tmp: Path) -> None:
-            corpus = [p + s for k in KINDS for p, s, _ in train[k]]
-            toks = {"teacher_add": train_teacher_tokenizer(corpus),
-                    "teacher_sub": train_student_tokenizer(corpus)}
-            toks["student"] = toks["teacher_sub"]  # the student's own tokenizer family
-            plan = (("teacher_add", "add", preset.teacher_steps, 41),
-                    ("teacher_sub", "sub", preset.teacher_steps, 42),
-                    ("student", None, preset.student_steps, 43))
-            for name, strong, steps, seed in plan:
-                t0 = time.perf_counter()
-                tok = toks[name]
-                rows = mix_rows(train, strong, preset.weak_share, seed)
-                model = new_model(len(tok), seed, preset.width, preset.layers)
-                supervised_train(model, [encode_pair(tok, p, s) for p, s, _ in rows], steps,
-                                 3e-3, 64, seed)
-                model.save_pretrained(tmp / name)
-                tok.save_pretrained(tmp / name)
-                progress(f"trained {name} ({steps} steps, {time.perf_counter() - t0:.0f} s)")
+            fit(tmp / "teacher_add", train_teacher_tokenizer(corpus), "add",
+                preset.teacher_steps, 41, "teacher_add")
+            fit(tmp / "teacher_sub", train_student_tokenizer(corpus), "sub",
+                preset.teacher_steps, 42, "teacher_sub")
             (tmp / "done").write_text("ok")
 
-        atomic_dir_write(path, build)
-    return {name: (AutoModelForCausalLM.from_pretrained(path / name).eval(),
-                   AutoTokenizer.from_pretrained(path / name))
-            for name in ("teacher_add", "teacher_sub", "student")}
+        atomic_dir_write(teachers, build)
+    if not (student / "config.json").exists():
+        # the student's own tokenizer family: T_sub's
+        tok = AutoTokenizer.from_pretrained(teachers / "teacher_sub")
+        atomic_dir_write(student, lambda tmp: fit(tmp, tok, None, preset.student_steps, 43,
+                                                  "student"))
+    paths = {"teacher_add": teachers / "teacher_add", "teacher_sub": teachers / "teacher_sub",
+             "student": student}
+    return {name: (AutoModelForCausalLM.from_pretrained(path).eval(),
+                   AutoTokenizer.from_pretrained(path)) for name, path in paths.items()}
 
 
 def mix_rows(train: dict[str, list], strong: str | None, weak_share: float, seed: int) -> list:
