@@ -120,7 +120,7 @@ def test_mix_targets_renormalise_and_count():
     assert np.isnan(q[3]) and partial == 2
 
 
-def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path):
+def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path, capsys):
     from crossopd.train import train
 
     cfg = load_config(None, _overrides(tiny, tmp_path / "run",
@@ -132,6 +132,13 @@ def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path):
     from crossopd.report import teacher_names
 
     assert teacher_names([row]) == ["gemma", "smol"]  # a line per teacher in the plots
+    # `crossopd eval` of the trained student reads the run's teachers: the KL to each
+    from crossopd.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "final"), "--json", "device=cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"teachers/gemma/kl_per_byte", "teachers/smol/kl_per_byte"} <= set(r)
 
 
 def test_one_teacher_under_teachers_gives_the_numbers_of_teacher(tiny, tmp_path):
