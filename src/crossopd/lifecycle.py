@@ -188,8 +188,10 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 done != cfg.steps:
             run_eval(done)
 
-    if start == 0 and cfg.eval_prompts and not (main and read_jsonl(eval_path)):
-        run_eval(0)  # (a run stopped at step 0 by its teacher has this row already)
+    # (a run stopped at step 0 by its teacher has this row already; every process reads the
+    # same file, so all of them evaluate or none does)
+    if start == 0 and cfg.eval_prompts and not read_jsonl(eval_path):
+        run_eval(0)
     try:
         engine.train(run, start, after_step)
     except TeacherError as e:
