@@ -6,7 +6,7 @@ The teacher must be an in-process one (``teacher.model``): it generates the answ
     python scripts/demo_sft.py runs/demo     # after `crossopd demo`: its config and budget
 
 Prints one JSON object: the OPD run's before/after next to SFT's after (same evaluation seed).
-Built on the step library (build, opd.evaluate), not on the recipe loop.
+Built on the step library (build_sides, lifecycle.heldout_eval), not on an engine loop.
 """
 
 from __future__ import annotations
