@@ -84,11 +84,6 @@ def engine_for(name: str) -> Engine:
     return getattr(importlib.import_module(module), cls)()
 
 
-def status(message: str) -> None:
-    """A status line for the slow parts without a bar (model loading, evaluation)."""
-    status_line(message)
-
-
 def heldout_eval(cfg: TrainConfig, student: StudentSide, teachers: dict[str, TeacherSide],
                  heldout: list[Example], samples: int = 3) -> dict:
     """The held-out evaluation every run and ``crossopd eval`` report."""
@@ -139,7 +134,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if sides is None:
         named = [f"{t.model or ', '.join(t.urls)}" + (f" ({n})" if cfg.teachers else "")
                  for n, t in cfg.teacher_sections().items()]
-        status(f"loading student {cfg.student.model} and teacher{'s' * bool(cfg.teachers)} "
+        status_line(f"loading student {cfg.student.model} and teacher{'s' * bool(cfg.teachers)} "
                f"{'; '.join(named)} ...")
         # with LoRA the base is frozen and loads in student.dtype; trained weights stay float32
         dtype = getattr(torch, cfg.student.dtype) if cfg.student.lora else None
@@ -157,7 +152,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             truncate_jsonl(path, start)
 
     def run_eval(step: int) -> dict:
-        status(f"evaluating at step {step} on {len(heldout)} held-out prompts ...")
+        status_line(f"evaluating at step {step} on {len(heldout)} held-out prompts ...")
         model = engine.student_model()
         was_training = model.training
         model.eval()
@@ -165,7 +160,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         if cfg.eval_benchmark:
             from crossopd.benchmark_eval import benchmark_metrics
 
-            status(f"evaluating at step {step} on benchmark {cfg.eval_benchmark} ...")
+            status_line(f"evaluating at step {step} on benchmark {cfg.eval_benchmark} ...")
             r.update(benchmark_metrics(
                 cfg.eval_benchmark, cfg.eval_benchmark_limit, model, student.tokenizer,
                 student.fmt, cfg.seed + EVAL_SEED_OFFSET,
