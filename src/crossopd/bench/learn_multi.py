@@ -34,6 +34,7 @@ from crossopd.bench.learn_task import (
     check_answer,
     encode_pair,
     generate_texts,
+    make_split,
     new_model,
     supervised_train,
     train_student_tokenizer,
@@ -86,13 +87,7 @@ def make_problem(rng: random.Random, kind: str) -> tuple[str, str, int]:
 
 
 def split(n: int, seed: int, kind: str, exclude: set[str] = frozenset()) -> list[tuple]:
-    rng, out, seen = random.Random(seed), [], set(exclude)
-    while len(out) < n:
-        p = make_problem(rng, kind)
-        if p[0] not in seen:
-            seen.add(p[0])
-            out.append(p)
-    return out
+    return make_split(n, seed, exclude, problem=lambda rng: make_problem(rng, kind))
 
 
 def splits(preset: MultiPreset) -> tuple[dict[str, list], dict[str, list]]:

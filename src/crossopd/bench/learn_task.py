@@ -34,11 +34,14 @@ def check_answer(response: str, answer: int) -> bool:
     return m is not None and int(m.group(1)) == answer
 
 
-def make_split(n: int, seed: int, exclude: set[str] = frozenset(), digits: int = 2):
+def make_split(n: int, seed: int, exclude: set[str] = frozenset(), digits: int = 2,
+               problem: Callable[[random.Random], tuple[str, str, int]] | None = None):
+    """``n`` distinct problems (by prompt) from ``problem`` (default: ``make_problem`` with
+    ``digits``), none of them in ``exclude``."""
     rng = random.Random(seed)
     out, seen = [], set(exclude)
     while len(out) < n:
-        p = make_problem(rng, digits)
+        p = problem(rng) if problem else make_problem(rng, digits)
         if p[0] not in seen:
             seen.add(p[0])
             out.append(p)
