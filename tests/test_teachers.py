@@ -122,6 +122,18 @@ def teacher_server():
         proc.wait(timeout=30)
 
 
+def test_eval_benchmark_refuses_a_scoring_only_server_in_one_line(teacher_server, tmp_path,
+                                                                  capsys):
+    """serve-teacher scores and does not generate: a URL MODEL pointing at it is told where
+    generation runs instead."""
+    from crossopd.cli import main
+
+    assert main(["eval", teacher_server + "/v1", "--benchmark", "gsm8k", "--limit", "1",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "generating" not in x]
+    assert len(err) == 1 and "HTTP 404" in err[0] and "vllm serve" in err[0]
+
+
 def test_http_scores_equal_in_process(teacher_server, smol_teacher):
     rng = np.random.default_rng(2)
     seqs = [rng.integers(3, 49152, size=n).tolist() for n in (5, 30, 17, 64)]

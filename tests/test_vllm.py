@@ -128,3 +128,25 @@ def test_context_limit_is_vllms_rule(vllm_teacher):
     assert lp.shape == (7,) and np.isfinite(lp).all()
     with pytest.raises(TeacherError, match="HTTP 400"):
         teacher.score([ids], [(2040, 2048)])
+
+
+def test_eval_benchmark_on_a_served_model_generates_there(vllm_teacher, tmp_path, capsys):
+    """`crossopd eval URL --benchmark gsm8k`: K samples per item from vLLM's chat completions
+    (the server applies the model's chat template), graded like an in-process model; the
+    per-item seed makes a rerun draw the same samples."""
+    from crossopd.cli import main
+
+    outs = []
+    for run in range(2):
+        path = tmp_path / f"gsm8k-{run}.jsonl"
+        assert main(["eval", vllm_teacher, "--benchmark", "gsm8k", "--limit", "2", "--samples",
+                     "2", "--max-new-tokens", "24", "--out", str(path), "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert {"benchmark", "n", "samples_per_item", "accuracy", "stderr", "pass_at_k",
+                "samples_path"} <= set(r)
+        assert (r["benchmark"], r["n"], r["samples_per_item"]) == ("gsm8k", 2, 2)
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        assert [len(x["responses"]) for x in records] == [2, 2]
+        assert all(x.strip() for rec in records for x in rec["responses"])
+        outs.append([rec["responses"] for rec in records])
+    assert outs[0] == outs[1]

@@ -161,8 +161,14 @@ def run_benchmark(bench: Benchmark, model: Any, tokenizer: Any, fmt: ChatFormat,
                range(s.samples)]
     responses = generate(model, tokenizer, fmt, prompts, s, progress=progress)
     k = s.samples
-    records = [item_record(bench, it, responses[i * k : (i + 1) * k])
-               for i, it in enumerate(bench.items)]
+    return grade_benchmark(bench, [responses[i * k : (i + 1) * k]
+                                   for i in range(len(bench.items))], s, samples_path)
+
+
+def grade_benchmark(bench: Benchmark, responses: list[list[str]], s: Sampling,
+                    samples_path: Path | None) -> dict:
+    """Each item's responses graded, written to ``samples_path`` and summarised."""
+    records = [item_record(bench, it, rs) for it, rs in zip(bench.items, responses, strict=True)]
     if samples_path:
         write_records(samples_path, records)
     return summarise(bench, records, samples_path, s)

@@ -22,7 +22,9 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                         "teacher, data and sampling come from --config, else the run MODEL "
                         "belongs to, else the demo config.")
     ev.add_argument("student", nargs="?", metavar="MODEL", help="HF model directory (e.g. "
-                    "runs/demo/final), hub id, .gguf or bundled name")
+                    "runs/demo/final), hub id, .gguf or bundled name; with --benchmark also a "
+                    "server URL (http://HOST:PORT/v1 of `vllm serve`: generation runs there, "
+                    "through its /v1/chat/completions; API key from CROSSOPD_API_KEY)")
     ev.add_argument("overrides", nargs="*", help="held-out mode: key=value config overrides, "
                     "e.g. eval_prompts=64")
     ev.add_argument("--benchmark", metavar="NAME", help="gsm8k, math500, aime25, gpqa_diamond, "
@@ -40,7 +42,7 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                     "(default 512 for gsm8k, 2048 for aime25, else 1024)")
     ev.add_argument("--seed", type=int, default=0, help="benchmark: sampling seed (default 0)")
     ev.add_argument("--batch-size", type=int, default=8, help="benchmark: responses generated "
-                    "together (default 8)")
+                    "together (default 8; with a URL MODEL, items requested at once)")
     ev.add_argument("--device", default="cpu", help="benchmark: cpu, cuda or auto (default cpu)")
     ev.add_argument("--question-field", default="question", help="local file: the prompt column")
     ev.add_argument("--answer-field", default="answer", help="local file: the reference column "

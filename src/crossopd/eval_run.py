@@ -7,6 +7,7 @@ The teacher, data and sampling settings come from the run that produced the stud
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,14 @@ def eval_benchmark_cmd(args: Any) -> int:
     """``crossopd eval [MODEL] --benchmark NAME``: print the table or one JSON object."""
     from crossopd.benchmark_eval import (
         default_samples_path,
+        grade_benchmark,
         model_format,
         render_benchmark,
         run_benchmark,
         run_gold,
         sampling_for,
     )
+    from crossopd.benchmark_remote import is_url, remote_responses
     from crossopd.benchmarks import load_benchmark
 
     if args.overrides:
@@ -83,11 +86,18 @@ def eval_benchmark_cmd(args: Any) -> int:
                          + ("both" if args.gold else "neither"))
     bench = load_benchmark(args.benchmark, args.limit, args.question_field, args.answer_field)
     path = Path(args.out) if args.out else default_samples_path(bench, args.student)
+    s = None if args.gold else sampling_for(bench, args.samples, args.max_new_tokens,
+                                            args.temperature, args.top_p, args.seed,
+                                            args.batch_size)
     if args.gold:
         result = run_gold(bench, path)
+    elif is_url(args.student):
+        # a served model (a teacher's vllm serve): the server's template and engine
+        responses = remote_responses(args.student, [bench.messages(it) for it in bench.items],
+                                     s, api_key=os.environ.get("CROSSOPD_API_KEY"),
+                                     concurrency=args.batch_size)
+        result = {"model": args.student, **grade_benchmark(bench, responses, s, path)}
     else:
-        s = sampling_for(bench, args.samples, args.max_new_tokens, args.temperature, args.top_p,
-                         args.seed, args.batch_size)
         status_line(f"loading {args.student} ...")
         model, tokenizer = load_model(args.student, args.device)
         fmt = model_format(model, tokenizer, args.student)
