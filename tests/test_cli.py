@@ -188,6 +188,9 @@ def test_shipped_configs_validate():
     assert len(shots) == 3 and not any(f" {name} " in f" {asked} " for name in shots)
     example = load_config(demo_config_path().with_name("example.yaml"), ["data.path=bundled:arith"])
     assert example.credit_rule == "proportional" and example.loss.clip_high == 0.28
+    qwen = load_config(demo_config_path("qwen"))
+    assert (qwen.student.model, qwen.teacher.model) == ("smollm2", "qwen2.5-coder-1.5b")
+    assert qwen.teacher.plain_template is None and qwen.data.path == demo.data.path
 
 
 def test_overrides_may_follow_flags(tmp_path, monkeypatch):

@@ -20,11 +20,14 @@ def _tokenizer_help() -> str:
     )
 
 
-def demo_config_path() -> Path:
-    """The shipped ``configs/demo.yaml`` (what ``crossopd demo`` runs; a config to copy)."""
+DEMO_CONFIGS = {"gemma": "demo.yaml", "qwen": "demo_qwen.yaml"}
+
+
+def demo_config_path(pair: str = "gemma") -> Path:
+    """The shipped demo config of ``pair`` (what ``crossopd demo`` runs; a config to copy)."""
     from importlib.resources import files
 
-    return Path(str(files("crossopd").joinpath("configs", "demo.yaml")))
+    return Path(str(files("crossopd").joinpath("configs", DEMO_CONFIGS[pair])))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -69,19 +72,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from crossopd.bench.learn import bench_learn
         from crossopd.bench.learn_stats import render_learn_table
 
-        preset = args.preset or ("quick" if args.quick else "full")
+        preset = args.preset or ("quick" if args.quick else "standard")
+        if args.retrain_teachers and args.multi_teacher:
+            raise ValueError("--retrain-teachers is for `bench learn` without --multi-teacher")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
         if args.multi_teacher:
             from crossopd.bench.learn_multi import bench_learn_multi, render_multi_table
 
             if args.overrides:
                 raise ValueError("bench learn --multi-teacher takes no KEY=VALUE overrides")
-            result = bench_learn_multi("quick" if preset == "full" else preset,
+            result = bench_learn_multi("tiny" if preset == "tiny" else "quick",
                                        out_dir=args.out or "runs/bench_learn_multi", progress=log)
             print(json.dumps(result) if args.json else render_multi_table(result))
             return 0
         result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log,
-                             settings=args.overrides)
+                             settings=args.overrides, retrain_teachers=args.retrain_teachers)
         print(json.dumps(result) if args.json else render_learn_table(result))
         return 0
     if args.which == "serve":
@@ -131,11 +136,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Cross-family OPD on the bundled models: SmolLM2-135M learns from Gemma 3 270M."""
+    """Cross-family OPD on the bundled models: SmolLM2-135M learns from Gemma 3 270M (or, with
+    ``--pair qwen``, from Qwen2.5-Coder-1.5B-Instruct)."""
     from crossopd.config import load_config
     from crossopd.train import render_result, train
 
-    cfg = load_config(demo_config_path(), list(args.overrides))
+    cfg = load_config(demo_config_path(args.pair), list(args.overrides))
     quiet_hf()
     result = train(cfg, progress=not args.json, overwrite=True)  # the demo reruns from scratch
     keys = ("heldout_kl_before", "heldout_kl_after", "metric", "heldout_metric_before",
@@ -251,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--multi-teacher", action="store_true", help="learn: two teachers of two "
                    "tokenizer families, each strong on one of two sub-tasks: routed, mixed, "
                    "each alone, SFT on the routed teachers' samples (tiny or quick preset)")
-    b.add_argument("--preset", choices=["tiny", "quick", "full"], help="learn: size preset "
-                   "(default: quick with --quick, else full)")
+    b.add_argument("--preset", choices=["tiny", "quick", "standard", "full"],
+                   help="learn: size preset (default: quick with --quick, else standard, the "
+                   "one docs/benchmarks.md quotes; quick is a smoke test, full trains larger "
+                   "models of its own)")
+    b.add_argument("--retrain-teachers", action="store_true", help="learn: train the teacher "
+                   "pairs and the student anew (into the cache) instead of loading the ones "
+                   "shipped with crossopd")
     b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
                    "runs/bench_serve)")
     b.add_argument("--device", default="cpu", help="step: cpu, cuda or auto (default cpu)")
@@ -270,8 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "sees) to answer counting questions about its prompt; prints held-out "
                        "accuracy (with its paired standard error), stop rate and reverse KL per "
                        "byte before and after, alignment statistics and the report path. About "
-                       "4 minutes on 2 CPU cores.")
+                       "4 minutes on 2 CPU cores. --pair qwen: the teacher is "
+                       "Qwen2.5-Coder-1.5B-Instruct, an instruct model of a third family with "
+                       "a real end of turn (configs/demo_qwen.yaml).")
     d.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. steps=4)")
+    d.add_argument("--pair", choices=sorted(DEMO_CONFIGS), default="gemma",
+                   help="the teacher: gemma (Gemma 3 270M base, the default) or qwen "
+                   "(Qwen2.5-Coder-1.5B-Instruct)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=cmd_demo)
 
