@@ -23,7 +23,6 @@ from crossopd.bench.learn import PRESETS, load_models, splits
 from crossopd.bench.learn_arms import run_opd, run_sft
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio
 from crossopd.bench.learn_task import correct_answers
-from crossopd.files import cache_dir
 
 GRID = {  # the grid that ran; the chosen rates are now the preset's defaults
     "sft": (3e-4, 1e-3, 3e-3),
@@ -35,7 +34,7 @@ GRID = {  # the grid that ran; the chosen rates are now the preset's defaults
 def main(out_dir: str = "runs/learn_lr_grid") -> None:
     t0 = time.perf_counter()
     preset = PRESETS["quick"]
-    models = load_models(preset, cache_dir() / "bench_learn")
+    models = load_models(preset)[0][0]  # teacher pair 0
     train_set, val_set, test_set = splits(preset)
     both = val_set + test_set  # one evaluation pass; split by problem afterwards
     n_val = len(val_set)

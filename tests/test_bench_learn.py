@@ -67,12 +67,25 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     for arm in r["arms"]:
         a = r["arms"][arm]
         assert 0.0 <= a["acc_mean"] <= 1.0 and a["acc_std"] >= 0.0
-        assert len(a["acc_per_seed"]) == 2
+        assert len(a["acc_per_seed"]) == 4
         assert a["student_tokens"] >= (0 if arm == "untrained" else 600)
     assert 0.0 < r["one_to_one_share"] <= 1.0
     assert set(r["ratio_cross_same"]) >= {"value", "ci_low", "ci_high"}
     assert set(r["cross_minus_sft"]) >= {"value", "ci_low", "ci_high"}
-    assert set(r["teachers"]) >= {"teacher_x", "teacher_s", "matched", "training"}
+    assert set(r["teachers"]) >= {"teacher_x", "teacher_s", "matched", "pairs", "source"}
+    assert r["teachers"]["source"] == "trained"  # the tiny preset has no shipped pairs
+    assert [t["pair"] for t in r["teachers"]["pairs"]] == [0, 1]
+    assert len(r["by_pair"]) == 2
+    runs = r["arms"]["opd_oracle"]["acc_per_seed"]
+    assert len(runs) == 4  # 2 pairs x 2 seeds
+    assert set(r["power"]["statistics"]) == {"ratio_cross_oracle", "cross_minus_sft"}
+    assert isinstance(r["power"]["readable"], bool)
+    assert r["machine"]["cpu"] and r["machine"]["torch"]
+    from crossopd.bench.learn_stats import render_learn_table
+
+    table = render_learn_table(r)
+    assert ("intervals narrow enough to read" in table) == r["power"]["readable"]
+    assert r["machine"]["cpu"] in table and "pair 1 (validation / test)" in table
     assert r["identity"]["exact"] and r["identity"]["one_to_one_chunks"] == r["identity"]["chunks"]
     assert set(r["diagnosis"]["rules"]) == {"proportional", "uniform", "last", "chunk"}
     assert (tmp_path / "out" / "learn_curve.png").stat().st_size > 1000
@@ -104,6 +117,77 @@ def test_bootstrap_statistics_match_their_definitions():
     same = bootstrap({"untrained": np.ones((2, 4)), "a": np.ones((2, 4)), "b": np.ones((2, 4))},
                      gain_ratio("a", "b", "untrained"))
     assert same["value"] is None and same["undefined_resamples"] > 0
+
+
+def test_two_level_bootstrap_puts_the_teacher_draw_inside_the_interval():
+    """Pairs that teach differently (one not at all, two perfectly), no spread within a pair:
+    the interval spans the pair draw, [0, 1]; pooling the twelve runs as seeds of one pair
+    hides it."""
+    untrained = np.zeros((3, 4, 50))
+    taught = np.stack([np.zeros((4, 50)), np.ones((4, 50)), np.ones((4, 50))])
+    gain = difference("taught", "untrained")
+    r = bootstrap({"untrained": untrained, "taught": taught}, gain)
+    assert r["value"] == pytest.approx(2 / 3)
+    assert r["ci_low"] == pytest.approx(0.0) and r["ci_high"] == pytest.approx(1.0)
+    assert r["half_width"] == pytest.approx(0.5)
+    pooled = bootstrap({"untrained": untrained.reshape(1, 12, 50),
+                        "taught": taught.reshape(1, 12, 50)}, gain)
+    assert pooled["value"] == pytest.approx(2 / 3) and pooled["ci_low"] > 0.3
+
+
+def test_shipped_teacher_pairs_load_with_their_digests_checked(tmp_path):
+    import shutil
+
+    from crossopd.bench.learn import splits
+    from crossopd.bench.learn_stats import MATCH_TOLERANCE
+    from crossopd.bench.learn_teachers import (
+        SHIPPED,
+        ArtifactError,
+        artifact_key,
+        load_artifacts,
+        locate,
+        verify,
+    )
+
+    manifest = verify(SHIPPED)
+    for name in ("quick", "standard"):
+        preset = PRESETS[name]
+        assert manifest["key"] == artifact_key(preset)
+        assert locate(preset, preset.teacher_pairs, splits(preset))[1] == "shipped"
+    assert manifest["pairs"] >= 3
+    for k in range(manifest["pairs"]):
+        t = manifest["trained"]
+        assert abs(t[f"pair{k}/teacher_x"]["val_acc"]
+                   - t[f"pair{k}/teacher_s"]["val_acc"]) <= MATCH_TOLERANCE
+    pairs = load_artifacts(SHIPPED, manifest["pairs"])
+    assert [m["pair"] for m in pairs] == list(range(manifest["pairs"]))
+    assert pairs[0]["student"] is pairs[1]["student"]
+    # one flipped byte in one weight file: refused, naming the file and the way out
+    broken = tmp_path / "learn_teachers"
+    shutil.copytree(SHIPPED, broken)
+    weights = broken / "pair1" / "teacher_s" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"pair1/teacher_s/model.safetensors: SHA-256 "
+                                            r"differs.*--retrain-teachers"):
+        load_artifacts(broken, manifest["pairs"])
+
+
+def test_retrain_teachers_trains_into_the_cache_and_replaces_it(tmp_path, monkeypatch):
+    from crossopd.bench.learn import splits
+    from crossopd.bench.learn_teachers import locate, verify
+
+    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path))
+    preset = with_settings(PRESETS["tiny"], ["teacher_steps=10", "student_steps=5"])
+    parts = splits(preset)
+    root, source = locate(preset, 2, parts, progress=lambda m: None)
+    assert source == "trained" and root.is_relative_to(tmp_path)
+    first = verify(root)["sha256"]
+    assert locate(preset, 2, parts, progress=lambda m: None) == (root, "cache")
+    # a retrain trains anew even where the cache has them
+    assert locate(preset, 2, parts, retrain=True, progress=lambda m: None) == (root, "trained")
+    assert verify(root)["sha256"].keys() == first.keys()
 
 
 def test_ratio_is_refused_when_teachers_are_not_matched(tmp_path):

@@ -22,30 +22,22 @@ OPD exactly.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from crossopd.bench.learn_arms import run_opd, run_sft, run_uld
 from crossopd.bench.learn_stats import MATCH_TOLERANCE, save_runs, summarise
-from crossopd.bench.learn_task import (
-    accuracy,
-    correct_answers,
-    encode_pair,
-    make_split,
-    new_model,
-    supervised_train,
-    train_student_tokenizer,
-    train_teacher_tokenizer,
-)
+from crossopd.bench.learn_task import accuracy, correct_answers, make_split
+from crossopd.bench.learn_teachers import load_artifacts, locate
+from crossopd.bench.machine import machine
 from crossopd.bench.oracle import diagnose, identity_check
 from crossopd.credit import BUILTIN_RULES
-from crossopd.files import atomic_dir_write, cache_dir
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 # opd_oracle: the cross-family teacher's exact byte-marginal targets (its knowledge without the
@@ -77,7 +69,8 @@ class Preset:
     sft_lr: float = 3e-4
     uld_lr: float = 1e-3  # not in the grid
     evals: int = 4  # accuracy checkpoints along each arm
-    seeds: int = 5
+    seeds: int = 5  # student seeds per teacher pair
+    teacher_pairs: int = 3  # independently trained (T_x, T_s) pairs: the teacher draw
     max_new_tokens: int = 24
     diagnosis_rollouts: int = 64
     arms: tuple[str, ...] = ARMS  # "untrained" always runs: every gain is measured from it
@@ -86,8 +79,17 @@ class Preset:
 PRESETS = {
     "tiny": Preset(n_train=300, n_val=20, n_test=20, width=32, layers=1, teacher_target=0.0,
                    teacher_steps=30, teacher_check_every=10, student_steps=10,
-                   budget_tokens=600, opd_batch=8, evals=2, seeds=2, diagnosis_rollouts=8),
-    "quick": Preset(),
+                   budget_tokens=600, opd_batch=8, evals=2, seeds=2, teacher_pairs=2,
+                   diagnosis_rollouts=8),
+    # a smoke test of every arm on every shipped pair, one seed each: its output says that its
+    # intervals are too wide to read
+    "quick": Preset(seeds=1),
+    # the preset the docs quote: the arms the claim is about, three times quick's budget (SFT
+    # has levelled off there, OPD has not), every pair x 4 seeds; the same model settings as
+    # quick's, so both load the shipped teacher pairs
+    "standard": Preset(budget_tokens=240_000, evals=6, seeds=4,
+                       arms=("untrained", "sft", "opd_cross_proportional", "opd_oracle",
+                             "opd_same")),
     "full": Preset(n_train=20_000, width=96, layers=3,
                    teacher_target=0.8, teacher_steps=8000, student_steps=1200,
                    budget_tokens=400_000, evals=8, seeds=8),
@@ -133,133 +135,101 @@ def splits(preset: Preset) -> tuple[list, list, list]:
     return train, val, test
 
 
-def load_models(preset: Preset, root: Path, progress=print) -> dict[str, Any]:
-    """Tokenizers, T_x and T_s (matched in validation accuracy; trained once, cached on disk) and
-    the weakly pretrained student (cached per ``student_steps``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def key(*extra: str) -> str:
-        fields = {k: v for k, v in asdict(preset).items()
-                  if k in ("digits", "n_train", "n_val", "n_test", "width", "layers",
-                           "teacher_target", "teacher_steps", "teacher_check_every", *extra)}
-        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-    train, val, _ = splits(preset)
-    # bump the v-prefix when model or tokenizer code changes
-    teachers = root / f"v4-{key()}"
-    if not (teachers / "done").exists():
-        def build(tmp: Path) -> None:
-            corpus = [p + s for p, s, _ in train]
-            toks = {"teacher": train_teacher_tokenizer(corpus),
-                    "student": train_student_tokenizer(corpus)}
-            # T_x first (digit runs merged: the harder one to train); T_s stops at its level
-            level = _pretrain(tmp / "teacher_x", toks["teacher"], train, preset,
-                              preset.teacher_steps, 11, progress, "teacher_x",
-                              stop_at=preset.teacher_target, val=val)
-            _pretrain(tmp / "teacher_s", toks["student"], train, preset, preset.teacher_steps,
-                      12, progress, "teacher_s", stop_at=level, val=val)
-            (tmp / "done").write_text("ok")
-
-        atomic_dir_write(teachers, build)
-    student = root / f"v4-{key('student_steps')}-student{preset.student_steps}"
-    if not (student / "config.json").exists():
-        tok = AutoTokenizer.from_pretrained(teachers / "teacher_s")
-        atomic_dir_write(student, lambda tmp: _pretrain(
-            tmp, tok, train, preset, preset.student_steps, 13, progress, "student"))
-    out = {}
-    for name, path in (("teacher_x", teachers / "teacher_x"), ("teacher_s", teachers /
-                                                                "teacher_s"), ("student", student)):
-        out[name] = (AutoModelForCausalLM.from_pretrained(path).eval(),
-                     AutoTokenizer.from_pretrained(path))
-    out["training"] = {name: json.loads((teachers / name / "trained.json").read_text())
-                       for name in ("teacher_x", "teacher_s")}
-    return out
-
-
-def _pretrain(out: Path, tok: Any, train, preset: Preset, steps: int, seed: int,
-              progress, label: str, stop_at: float | None = None, val=None) -> float:
-    """Supervised pretraining; with ``stop_at``, stops at the first check where the validation
-    accuracy reaches it and keeps that model or the previous check's, whichever is closer to
-    ``stop_at``. Returns the kept model's validation accuracy (NaN without ``val``)."""
-    t0 = time.perf_counter()
-    model = new_model(len(tok), seed, preset.width, preset.layers)
-    pairs = [encode_pair(tok, p, s) for p, s, _ in train]
-    seen: dict[str, float] = {"steps": steps, "val_acc": float("nan")}
-    before: dict[str, Any] = {}  # the previous check: it may be closer to the target
-
-    def reached(step: int) -> bool:
-        acc = accuracy(model, tok, val, preset.max_new_tokens)
-        if acc < stop_at:
-            before.update(state=copy.deepcopy(model.state_dict()), steps=step, val_acc=acc)
-            return False
-        if before and stop_at - before["val_acc"] < acc - stop_at:
-            model.load_state_dict(before.pop("state"))
-            seen.update(before)
-        else:
-            seen.update(steps=step, val_acc=acc)
-        return True
-
-    supervised_train(model, pairs, steps, 3e-3, 64, seed,
-                     stop=reached if stop_at is not None else None,
-                     check_every=preset.teacher_check_every)
-    if val is not None and seen["steps"] == steps:  # ran to the end: measure once more
-        seen["val_acc"] = accuracy(model, tok, val, preset.max_new_tokens)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "trained.json").write_text(json.dumps(seen))
-    progress(f"pretrained {label} ({seen['steps']} steps, validation accuracy "
-             f"{seen['val_acc']:.3f}, {time.perf_counter() - t0:.0f} s)")
-    return seen["val_acc"]
+def load_models(preset: Preset, retrain: bool = False,
+                progress=print) -> tuple[list[dict[str, Any]], str]:
+    """One models dict per teacher pair (``bench.learn_teachers``) and where they came from:
+    ``shipped`` (inside the package), ``cache`` or ``trained``."""
+    root, source = locate(preset, preset.teacher_pairs, splits(preset), retrain, progress)
+    return load_artifacts(root, preset.teacher_pairs), source
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
-                progress=print, settings: list[str] | None = None) -> dict:
-    """Runs the preset (with ``settings``, ``key=value`` overrides) and writes ``runs.json``,
-    ``result.json`` and the plot to ``out_dir``."""
+                progress=print, settings: list[str] | None = None,
+                retrain_teachers: bool = False) -> dict:
+    """Runs the preset (with ``settings``, ``key=value`` overrides) over every teacher pair and
+    seed and writes ``runs.json``, ``result.json`` and the plot to ``out_dir``.
+    ``retrain_teachers`` trains the pairs and the student anew instead of loading them."""
     preset = with_settings(PRESETS[preset_name], settings or [])
     t_start = time.perf_counter()
-    models = load_models(preset, cache_dir() / "bench_learn", progress)
+    pairs, source = load_models(preset, retrain_teachers, progress)
     train_set, _, test_set = splits(preset)
-    teacher_acc = {k: accuracy(*models[k], test_set, preset.max_new_tokens)
-                   for k in ("teacher_x", "teacher_s")}
-    val_acc = {k: v["val_acc"] for k, v in models["training"].items()}
-    progress(f"teachers (validation / test): T_x {val_acc['teacher_x']:.3f} / "
-             f"{teacher_acc['teacher_x']:.3f}, T_s {val_acc['teacher_s']:.3f} / "
-             f"{teacher_acc['teacher_s']:.3f}")
-    t0 = time.perf_counter()
-    diagnosis = diagnose(models, preset, preset.diagnosis_rollouts, seed=0)
-    identity = identity_check(models, preset, seed=0)
-    progress(f"oracle diagnosis and identity control ({time.perf_counter() - t0:.0f} s): "
-             f"identity exact={identity['exact']}")
     runs: dict[str, list[dict]] = {a: [] for a in preset.arms}
-    base = correct_answers(*models["student"], test_set, preset.max_new_tokens)
-    for seed in range(preset.seeds):
-        runs["untrained"].append({"acc": float(base.mean()), "correct": base, "tokens": 0,
-                                  "curve": [(0, float(base.mean()))]})
-        for arm in runs:
-            if arm == "sft":
-                runs[arm].append(run_sft(models, preset, seed, train_set, test_set))
-            elif arm == "uld":
-                runs[arm].append(run_uld(models, preset, seed, train_set, test_set))
-            elif arm == "opd_oracle":
-                runs[arm].append(run_opd(models, "teacher_x", "proportional", preset, seed,
-                                         train_set, test_set, oracle=True))
-            elif arm == "opd_same":
-                runs[arm].append(run_opd(models, "teacher_s", "proportional", preset, seed,
-                                         train_set, test_set))
-            elif arm.startswith("opd_cross_"):
-                runs[arm].append(run_opd(models, "teacher_x", arm.removeprefix("opd_cross_"),
-                                         preset, seed, train_set, test_set))
-        progress(f"seed {seed}: " + ", ".join(f"{a} {r[-1]['acc']:.3f}" for a, r in runs.items()))
-    # matched on the split they were matched on (held out from training, twice the test
-    # split's size); the test split's difference is reported beside it
-    teachers = {**teacher_acc, "validation": val_acc, "training": models["training"],
-                "difference": abs(val_acc["teacher_x"] - val_acc["teacher_s"]),
-                "test_difference": abs(teacher_acc["teacher_x"] - teacher_acc["teacher_s"])}
-    teachers["matched"] = teachers["difference"] <= MATCH_TOLERANCE
+    per_pair, diagnoses = [], []
+    base = correct_answers(*pairs[0]["student"], test_set, preset.max_new_tokens)
+    for models in pairs:
+        k = models["pair"]
+        per_pair.append(_teachers(models, test_set, preset))
+        progress(f"pair {k} teachers (validation / test): T_x "
+                 f"{per_pair[-1]['validation']['teacher_x']:.3f} / "
+                 f"{per_pair[-1]['teacher_x']:.3f}, T_s "
+                 f"{per_pair[-1]['validation']['teacher_s']:.3f} / "
+                 f"{per_pair[-1]['teacher_s']:.3f}")
+        t0 = time.perf_counter()
+        diagnoses.append({"diagnosis": diagnose(models, preset, preset.diagnosis_rollouts, 0),
+                          "identity": identity_check(models, preset, seed=0)})
+        progress(f"pair {k} oracle diagnosis and identity control "
+                 f"({time.perf_counter() - t0:.0f} s): "
+                 f"identity exact={diagnoses[-1]['identity']['exact']}")
+        for seed in range(preset.seeds):
+            # common random numbers: seed s draws the same prompts and sampling seeds in every
+            # arm and every pair, from the same student
+            runs["untrained"].append({"acc": float(base.mean()), "correct": base, "tokens": 0,
+                                      "curve": [(0, float(base.mean()))]})
+            for arm in runs:
+                if arm != "untrained":
+                    t_arm = time.perf_counter()
+                    runs[arm].append(run_arm(arm, models, preset, seed, train_set, test_set))
+                    runs[arm][-1]["seconds"] = time.perf_counter() - t_arm
+                runs[arm][-1].update(pair=k, seed=seed)
+            progress(f"pair {k} seed {seed}: "
+                     + ", ".join(f"{a} {r[-1]['acc']:.3f}" for a, r in runs.items()))
+    teachers = _pooled(per_pair, source)
     save_runs(runs, Path(out_dir) / "runs.json")
     result = summarise(runs, teachers, out_dir)
     result.update(preset=preset_name, overrides=settings or [], settings=asdict(preset),
-                  diagnosis=diagnosis, identity=identity, seconds=time.perf_counter() - t_start)
+                  diagnosis=diagnoses[0]["diagnosis"], identity=diagnoses[0]["identity"],
+                  by_pair=diagnoses, machine=machine(), seconds=time.perf_counter() - t_start)
     (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_arm(arm: str, models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
+    if arm == "sft":
+        return run_sft(models, preset, seed, train_set, test_set)
+    if arm == "uld":
+        return run_uld(models, preset, seed, train_set, test_set)
+    if arm == "opd_oracle":
+        return run_opd(models, "teacher_x", "proportional", preset, seed, train_set, test_set,
+                       oracle=True)
+    if arm == "opd_same":
+        return run_opd(models, "teacher_s", "proportional", preset, seed, train_set, test_set)
+    return run_opd(models, "teacher_x", arm.removeprefix("opd_cross_"), preset, seed,
+                   train_set, test_set)
+
+
+def _teachers(models: dict, test_set, preset: Preset) -> dict:
+    """One pair's teachers: matched on the split they were matched on (held out from training,
+    twice the test split's size); the test split's difference is reported beside it."""
+    test = {k: accuracy(*models[k], test_set, preset.max_new_tokens)
+            for k in ("teacher_x", "teacher_s")}
+    val = {k: v["val_acc"] for k, v in models["training"].items()}
+    out = {"pair": models["pair"], **test, "validation": val, "training": models["training"],
+           "difference": abs(val["teacher_x"] - val["teacher_s"]),
+           "test_difference": abs(test["teacher_x"] - test["teacher_s"])}
+    out["matched"] = out["difference"] <= MATCH_TOLERANCE
+    return out
+
+
+def _pooled(per_pair: list[dict], source: str) -> dict:
+    """The pairs' teachers summarised: mean accuracies, the largest difference, matched only if
+    every pair is."""
+    def mean(get) -> float:
+        return float(np.mean([get(t) for t in per_pair]))
+
+    names = ("teacher_x", "teacher_s")
+    return {**{k: mean(lambda t, k=k: t[k]) for k in names},
+            "validation": {k: mean(lambda t, k=k: t["validation"][k]) for k in names},
+            "difference": max(t["difference"] for t in per_pair),
+            "test_difference": max(t["test_difference"] for t in per_pair),
+            "matched": all(t["matched"] for t in per_pair), "pairs": per_pair,
+            "source": source}

@@ -1,9 +1,11 @@
 """Statistics, table and plot for ``crossopd bench learn``: per-arm accuracy over seeds, paired
 bootstrap intervals for the gain ratios and for cross minus SFT, accuracy against tokens.
 
-The bootstrap resamples seeds and test problems together (the arms share both: seed k of every
-arm starts from the same student and is scored on the same problems), so an interval covers the
-seed-to-seed spread and the evaluation noise of a finite test set."""
+The bootstrap has two levels: teacher pairs, then student seeds within each pair, with the test
+problems resampled too (the arms share all three: seed k of pair j in every arm starts from the
+same student, learns from the same teachers and is scored on the same problems). So an interval
+covers which teachers were drawn, the seed-to-seed spread and the evaluation noise of a finite
+test set."""
 
 from __future__ import annotations
 
@@ -15,25 +17,42 @@ import numpy as np
 
 RESAMPLES = 4000
 MATCH_TOLERANCE = 0.02  # teachers' validation accuracies may differ by this much for a ratio
+# interval half-widths at which the headline readings are told apart: a ratio of 0.9 from one
+# of 0.6 (the projection keeps most of the signal, or loses much of it), and a gain over SFT of
+# about 0.02 accuracy from none
+POWER_TARGETS = {"ratio_cross_oracle": 0.15, "cross_minus_sft": 0.01}
 
 
 def bootstrap(correct: dict[str, np.ndarray], stat: Callable[[dict[str, np.ndarray]], float],
               seed: int = 0) -> dict:
-    """``correct[arm]``: a (seeds, problems) 0/1 array of final answers. Returns the statistic
-    on the data and its 95% percentile interval; resamples where the statistic is undefined (a
-    ratio whose denominator is not positive) are dropped and counted."""
+    """``correct[arm]``: a (pairs, seeds, problems) 0/1 array of final answers (or (seeds,
+    problems): one pair). Two-level bootstrap: each resample draws teacher pairs with
+    replacement, then student seeds with replacement within each drawn pair, and test problems
+    (shared by every arm, pair and seed); ``stat`` sees each arm's per-(pair, seed) accuracies.
+    Returns the statistic on the data, its 95% percentile interval and the interval's
+    half-width; resamples where the statistic is undefined (a ratio whose denominator is not
+    positive) are dropped and counted."""
+    correct = {k: v[None] if v.ndim == 2 else v for k, v in correct.items()}
     rng = np.random.default_rng(seed)
-    n_seeds, n_probs = next(iter(correct.values())).shape
-    value = stat({k: v.mean(axis=1) for k, v in correct.items()})
-    draws = np.empty(RESAMPLES)
-    for b in range(RESAMPLES):
-        s = rng.integers(0, n_seeds, n_seeds)
-        p = rng.integers(0, n_probs, n_probs)
-        draws[b] = stat({k: v[np.ix_(s, p)].mean(axis=1) for k, v in correct.items()})
+    n_pairs, n_seeds, n_probs = next(iter(correct.values())).shape
+    value = stat({k: v.mean(axis=2).ravel() for k, v in correct.items()})
+    # problem resamples as weights: per (pair, seed) accuracy on each resample is one product
+    picks = rng.integers(0, n_probs, (RESAMPLES, n_probs))
+    weights = np.zeros((RESAMPLES, n_probs))
+    np.add.at(weights, (np.arange(RESAMPLES)[:, None], picks), 1.0 / n_probs)
+    pairs = rng.integers(0, n_pairs, (RESAMPLES, n_pairs))
+    seeds = rng.integers(0, n_seeds, (RESAMPLES, n_pairs, n_seeds))
+    units = (pairs[:, :, None] * n_seeds + seeds).reshape(RESAMPLES, -1)  # flat (pair, seed)
+    draws_by_arm = {}
+    for k, v in correct.items():
+        acc = v.reshape(n_pairs * n_seeds, n_probs) @ weights.T  # (units, resamples)
+        draws_by_arm[k] = np.take_along_axis(acc.T, units, axis=1)  # (resamples, units drawn)
+    draws = np.array([stat({k: d[b] for k, d in draws_by_arm.items()})
+                      for b in range(RESAMPLES)])
     ok = np.isfinite(draws)
     lo, hi = (np.percentile(draws[ok], [2.5, 97.5]) if ok.any() else (np.nan, np.nan))
     return {"value": _num(value), "ci_low": _num(lo), "ci_high": _num(hi),
-            "undefined_resamples": int((~ok).sum())}
+            "half_width": _num((hi - lo) / 2), "undefined_resamples": int((~ok).sum())}
 
 
 def _num(x: float) -> float | None:
@@ -50,6 +69,30 @@ def gain_ratio(arm: str, ref: str, base: str) -> Callable[[dict[str, np.ndarray]
 
 def difference(arm: str, ref: str) -> Callable[[dict[str, np.ndarray]], float]:
     return lambda acc: float(acc[arm].mean() - acc[ref].mean())
+
+
+def by_pair(rs: list[dict]) -> np.ndarray:
+    """An arm's final answers as a (pairs, seeds, problems) array; runs without a ``pair`` key
+    are one pair."""
+    pairs = sorted({r.get("pair", 0) for r in rs})
+    rows = [np.stack([np.asarray(r["correct"], dtype=float) for r in rs
+                      if r.get("pair", 0) == k]) for k in pairs]
+    if len({len(x) for x in rows}) != 1:
+        raise ValueError("every teacher pair needs the same number of seeds")
+    return np.stack(rows)
+
+
+def power(result: dict) -> dict:
+    """Each headline statistic's interval half-width against its target, and whether every
+    statistic that ran met it (``readable``): an interval wider than that cannot tell the
+    readings apart that the benchmark exists for."""
+    out: dict[str, dict] = {}
+    for key, target in POWER_TARGETS.items():
+        hw = result[key].get("half_width")
+        out[key] = {"half_width": hw, "target": target,
+                    "met": None if hw is None else bool(hw <= target)}
+    ran = [d["met"] for d in out.values() if d["met"] is not None]
+    return {"statistics": out, "readable": bool(ran) and all(ran)}
 
 
 def tokens_to_reach(runs: list[dict], level: float) -> int | None:
@@ -101,6 +144,10 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         arms[arm] = {"acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
                      "acc_per_seed": accs,
                      "student_tokens": int(np.mean([r["tokens"] for r in rs]))}
+        if "seconds" in rs[0]:
+            arms[arm]["seconds_per_run"] = float(np.mean([r["seconds"] for r in rs]))
+        if "pair" in rs[0]:  # the teacher draw: each pair's mean over its seeds
+            arms[arm]["acc_per_pair"] = by_pair(rs).mean(axis=(1, 2)).tolist()
         if "one_to_one_share" in rs[0]:
             arms[arm]["one_to_one_share"] = float(np.mean([r["one_to_one_share"] for r in rs]))
     if "sft" in arms:
@@ -111,8 +158,7 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
             arms[arm]["tokens_to_sft_final"] = need
             arms[arm]["tokens_to_sft_final_ratio"] = (
                 need / arms["sft"]["student_tokens"] if need is not None else None)
-    correct = {arm: np.stack([r["correct"] for r in rs]).astype(float)
-               for arm, rs in runs.items()}
+    correct = {arm: by_pair(rs) for arm, rs in runs.items()}
 
     def stat(fn: Callable, *needed: str) -> dict:
         if missing := [a for a in needed if a not in correct]:
@@ -135,7 +181,7 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "learn_curve.png"
     plot_curves(runs, plot)
-    return {
+    result = {
         "teachers": teachers,
         "arms": arms,
         "one_to_one_share": arms.get(cross, {}).get("one_to_one_share"),
@@ -151,6 +197,8 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         "recovery_from_sft": stat(gain_ratio(cross, "opd_same", "sft"), cross, "opd_same", "sft"),
         "plot": str(plot),
     }
+    result["power"] = power(result)
+    return result
 
 
 def _interval(d: dict | None) -> str:
@@ -163,13 +211,17 @@ def _interval(d: dict | None) -> str:
 
 def render_learn_table(r: dict) -> str:
     t = r["teachers"]
-    v = t.get("validation", t)
-    lines = [f"preset {r['preset']}: teachers (validation / test) T_x {v['teacher_x']:.3f} / "
-             f"{t['teacher_x']:.3f}, T_s {v['teacher_s']:.3f} / {t['teacher_s']:.3f} "
-             f"({'matched' if t['matched'] else 'NOT matched'})"
+    lines = [f"preset {r['preset']}: {len(t.get('pairs', [t]))} teacher pair(s) "
+             f"({t.get('source', 'built')}), {'matched' if t['matched'] else 'NOT matched'}"
              + ("" if r["one_to_one_share"] is None
-                else f"; 1:1 chunk share (cross) {r['one_to_one_share']:.3f}"),
-             f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} {'tokens to SFT acc':>18}"]
+                else f"; 1:1 chunk share (cross) {r['one_to_one_share']:.3f}")]
+    for pair in t.get("pairs", [t]):
+        v = pair.get("validation", pair)
+        lines.append(f"  pair {pair.get('pair', 0)} (validation / test): T_x "
+                     f"{v['teacher_x']:.3f} / {pair['teacher_x']:.3f}, T_s "
+                     f"{v['teacher_s']:.3f} / {pair['teacher_s']:.3f}")
+    lines.append(f"{'arm':<24} {'accuracy':>16} {'student tokens':>15} "
+                 f"{'tokens to SFT acc':>18}")
     for arm, a in r["arms"].items():
         need = a.get("tokens_to_sft_final")
         lines.append(f"{arm:<24} {a['acc_mean']:>8.3f} ± {a['acc_std']:.3f} "
@@ -184,5 +236,14 @@ def render_learn_table(r: dict) -> str:
         lines.append(f"  {rule}: {_interval(d)}")
     lines.append(f"cross minus SFT: {_interval(r['cross_minus_sft'])}; recovery from SFT "
                  f"((cross - SFT) / (same - SFT)): {_interval(r['recovery_from_sft'])}")
-    lines.append(f"plot: {r['plot']}; {r['seconds']:.0f} s")
+    pw = r.get("power")
+    if pw:
+        widths = ", ".join(f"{k} ±{d['half_width']:.3f} (target ±{d['target']})"
+                           for k, d in pw["statistics"].items() if d["half_width"] is not None)
+        lines.append(("intervals narrow enough to read: " if pw["readable"] else
+                      "intervals NOT narrow enough to read (a smoke test; quote the standard "
+                      "preset): ") + (widths or "no headline statistic ran"))
+    cpu = r.get("machine", {}).get("cpu", "unknown CPU")
+    lines.append(f"plot: {r['plot']}; {r['seconds']:.0f} s on {cpu} (bit-for-bit reproducible "
+                 f"on this CPU model only)")
     return "\n".join(lines)

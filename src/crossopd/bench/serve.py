@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from crossopd.bench.machine import machine
 
 PRESETS = {  # seconds per phase, concurrent clients, tokens per request
     "quick": {"seconds": 20.0, "clients": 8, "prompt_tokens": 128},
@@ -150,14 +151,6 @@ def run_phase(url: str, clients: int, seconds: float, prompt_tokens: int, vocab:
     if probe_health:
         row["health_max_s"] = round(max(health), 3) if health else None
     return row
-
-
-def machine() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "gpu": gpu}
 
 
 def bench_serve(quick: bool = False, model: str = "gemma3-270m", clients: int | None = None,
