@@ -213,7 +213,8 @@ def test_preset_settings_are_typed_and_checked():
     assert p.opd_lr == 5e-4 and p.sft_lr == PRESETS["quick"].sft_lr
     assert p.arms == ("untrained", "sft", "opd_same")  # the baseline always runs, ARMS order
     for bad, says in (("budget=1", "KEY one of"), ("arms=sft,dpo", "unknown arm(s) dpo"),
-                      ("seeds=2.5", "expected an integer"), ("opd_lr=fast", "expected a number")):
+                      ("seeds=2.5", "expected an integer"), ("opd_lr=fast", "expected a number"),
+                      ("teacher_pairs=0", "teacher_pairs=0: must be at least 1")):
         with pytest.raises(ValueError, match=re.escape(says)):
             with_settings(PRESETS["quick"], [bad])
 

@@ -1,5 +1,6 @@
-"""Statistics, table and plot for ``crossopd bench learn``: per-arm accuracy over seeds, paired
-bootstrap intervals for the gain ratios and for cross minus SFT, accuracy against tokens.
+"""Statistics, table and plot for ``crossopd bench learn``: per-arm accuracy over teacher pairs
+and seeds, two-level bootstrap intervals for the gain ratios and for cross minus SFT with their
+half-widths against the power targets, accuracy against tokens.
 
 The bootstrap has two levels: teacher pairs, then student seeds within each pair, with the test
 problems resampled too (the arms share all three: seed k of pair j in every arm starts from the
