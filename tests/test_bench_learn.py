@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,30 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     assert set(r["diagnosis"]["rules"]) == {"proportional", "uniform", "last", "chunk"}
     assert (tmp_path / "out" / "learn_curve.png").stat().st_size > 1000
     assert (tmp_path / "out" / "result.json").exists()
+
+
+def test_a_rerun_reuses_finished_runs_and_trains_only_new_seeds(tmp_path, monkeypatch):
+    """Each finished (arm, pair, seed) is kept: a killed run resumes, and more seeds train only
+    the new ones, with the kept ones' answers unchanged."""
+    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    arms = "arms=sft,opd_cross_proportional"
+    first = bench_learn("tiny", out_dir=out, progress=lambda m: None,
+                        settings=[arms, "seeds=1"])
+    assert first["reused_units"] == 0
+    more = bench_learn("tiny", out_dir=out, progress=lambda m: None, settings=[arms, "seeds=2"])
+    assert more["reused_units"] == 2 * 2  # 2 arms x 2 pairs, seed 0
+    for arm in ("sft", "opd_cross_proportional"):
+        assert more["arms"][arm]["acc_per_seed"][0::2] == first["arms"][arm]["acc_per_seed"]
+    units = Path(more["units"])
+    (units / "sft-pair1-seed1.json").unlink()  # as a run killed before it finished
+    again = bench_learn("tiny", out_dir=out, progress=lambda m: None, settings=[arms, "seeds=2"])
+    assert again["reused_units"] == 2 * 2 * 2 - 1
+    assert again["arms"]["sft"]["acc_per_seed"] == more["arms"]["sft"]["acc_per_seed"]
+    # another setting that changes what a run learns is another set of runs
+    other = bench_learn("tiny", out_dir=out, progress=lambda m: None,
+                        settings=[arms, "seeds=1", "opd_lr=1e-3"])
+    assert other["reused_units"] == 0 and other["units"] != more["units"]
 
 
 def _runs(acc_by_arm: dict[str, list[list[int]]]) -> dict:

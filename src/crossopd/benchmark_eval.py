@@ -135,11 +135,9 @@ def write_records(path: Path, records: list[dict]) -> None:
     """One JSON line per item, written whole (a killed run leaves no half file)."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                   encoding="utf-8")
-    tmp.replace(path)
+    from crossopd.files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def run_gold(bench: Benchmark, samples_path: Path | None = None) -> dict:

@@ -52,6 +52,16 @@ def atomic_dir_write(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write a file via a temp sibling then rename: a killed writer leaves the old file or
+    none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

@@ -23,9 +23,12 @@ control checks that a cross arm whose tokenizers agree is same-tokenizer OPD exa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from crossopd.bench.learn_teachers import load_artifacts, locate
 from crossopd.bench.machine import machine
 from crossopd.bench.oracle import diagnose, identity_check
 from crossopd.credit import BUILTIN_RULES
+from crossopd.files import atomic_write_text
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 # opd_oracle: the cross-family teacher's exact byte-marginal targets (its knowledge without the
@@ -85,10 +89,10 @@ PRESETS = {
     # intervals are too wide to read
     "quick": Preset(seeds=1),
     # the preset the docs quote: three times quick's budget (SFT has levelled off there, OPD
-    # has not), every pair x 2 seeds (~8 min per pair and seed on 2 cores), every arm but the
+    # has not), every pair x 4 seeds (~5 min per pair and seed on 2 cores), every arm but the
     # two the claim is not about (chunk, our ablation, and ULD); the same model settings as
     # quick's, so both load the shipped pairs
-    "standard": Preset(budget_tokens=240_000, evals=6, seeds=2,
+    "standard": Preset(budget_tokens=240_000, evals=6, seeds=4,
                        arms=tuple(a for a in ARMS if a not in ("opd_cross_chunk", "uld"))),
     "full": Preset(n_train=20_000, width=96, layers=3,
                    teacher_target=0.8, teacher_steps=8000, student_steps=1200,
@@ -138,11 +142,38 @@ def splits(preset: Preset) -> tuple[list, list, list]:
 
 
 def load_models(preset: Preset, retrain: bool = False,
-                progress=print) -> tuple[list[dict[str, Any]], str]:
-    """One models dict per teacher pair (``bench.learn_teachers``) and where they came from:
-    ``shipped`` (inside the package), ``cache`` or ``trained``."""
+                progress=print) -> tuple[list[dict[str, Any]], str, str]:
+    """One models dict per teacher pair (``bench.learn_teachers``), where they came from
+    (``shipped`` inside the package, ``cache`` or ``trained``) and their identity (a digest of
+    their manifest's file digests)."""
     root, source = locate(preset, preset.teacher_pairs, splits(preset), retrain, progress)
-    return load_artifacts(root, preset.teacher_pairs), source
+    pairs = load_artifacts(root, preset.teacher_pairs)
+    files = (root / "manifest.json").read_text()
+    digests = json.dumps(json.loads(files)["sha256"], sort_keys=True)
+    return pairs, source, hashlib.sha256(digests.encode()).hexdigest()[:16]
+
+
+def unit_dir(out_dir: Path, preset: Preset, artifacts: str) -> Path:
+    """Where each finished (arm, pair, seed) run is kept, keyed on everything it depends on but
+    the number of seeds, pairs and arms: a killed run resumes, and a rerun with more seeds
+    trains only the new ones."""
+    fields = {k: v for k, v in asdict(preset).items()
+              if k not in ("seeds", "teacher_pairs", "arms", "diagnosis_rollouts")}
+    key = json.dumps({**fields, "artifacts": artifacts}, sort_keys=True)
+    return out_dir / "units" / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def cached_run(path: Path, run: Callable[[], dict]) -> tuple[dict, bool]:
+    """(the run, whether it was read back): ``run()`` once, its result kept at ``path``."""
+    if path.exists():
+        r = json.loads(path.read_text())
+        r["correct"] = np.asarray(r["correct"], dtype=bool)
+        r["curve"] = [tuple(c) for c in r["curve"]]
+        return r, True
+    r = run()
+    atomic_write_text(path, json.dumps({**r, "correct": np.asarray(r["correct"]).astype(int)
+                                        .tolist()}))
+    return r, False
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
@@ -153,7 +184,9 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     ``retrain_teachers`` trains the pairs and the student anew instead of loading them."""
     preset = with_settings(PRESETS[preset_name], settings or [])
     t_start = time.perf_counter()
-    pairs, source = load_models(preset, retrain_teachers, progress)
+    pairs, source, artifacts = load_models(preset, retrain_teachers, progress)
+    units = unit_dir(Path(out_dir), preset, artifacts)
+    reused = 0
     train_set, _, test_set = splits(preset)
     runs: dict[str, list[dict]] = {a: [] for a in preset.arms}
     per_pair, diagnoses = [], []
@@ -179,9 +212,11 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
                                       "curve": [(0, float(base.mean()))]})
             for arm in runs:
                 if arm != "untrained":
-                    t_arm = time.perf_counter()
-                    runs[arm].append(run_arm(arm, models, preset, seed, train_set, test_set))
-                    runs[arm][-1]["seconds"] = time.perf_counter() - t_arm
+                    r, was_kept = cached_run(units / f"{arm}-pair{k}-seed{seed}.json",
+                                             partial(timed_run, arm, models, preset, seed,
+                                                     train_set, test_set))
+                    runs[arm].append(r)
+                    reused += was_kept
                 runs[arm][-1].update(pair=k, seed=seed)
             progress(f"pair {k} seed {seed}: " + ", ".join(
                 f"{a} {r[-1]['acc']:.3f}" + (f" ({r[-1]['seconds']:.0f} s)" if "seconds" in r[-1]
@@ -191,9 +226,16 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     result = summarise(runs, teachers, out_dir)
     result.update(preset=preset_name, overrides=settings or [], settings=asdict(preset),
                   diagnosis=diagnoses[0]["diagnosis"], identity=diagnoses[0]["identity"],
-                  by_pair=diagnoses, machine=machine(), seconds=time.perf_counter() - t_start)
+                  by_pair=diagnoses, machine=machine(), units=str(units), reused_units=reused,
+                  seconds=time.perf_counter() - t_start)
     (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def timed_run(arm: str, models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
+    t0 = time.perf_counter()
+    r = run_arm(arm, models, preset, seed, train_set, test_set)
+    return {**r, "seconds": time.perf_counter() - t0}
 
 
 def run_arm(arm: str, models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
