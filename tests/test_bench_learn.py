@@ -160,6 +160,23 @@ def test_two_level_bootstrap_puts_the_teacher_draw_inside_the_interval():
     assert pooled["value"] == pytest.approx(2 / 3) and pooled["ci_low"] > 0.3
 
 
+def test_power_compares_half_widths_with_their_targets():
+    from crossopd.bench.learn_stats import POWER_TARGETS, power
+
+    wide = {"ratio_cross_oracle": {"half_width": 0.30}, "cross_minus_sft": {"half_width": 0.02}}
+    p = power(wide, runs=6)
+    assert POWER_TARGETS == {"ratio_cross_oracle": 0.15, "cross_minus_sft": 0.01}
+    assert not p["readable"] and not p["statistics"]["ratio_cross_oracle"]["met"]
+    # half-width / target = 2: four times the runs, were it to shrink as 1/sqrt(runs)
+    assert [d["runs_for_target"] for d in p["statistics"].values()] == [24, 24]
+    narrow = {"ratio_cross_oracle": {"half_width": 0.1}, "cross_minus_sft": {"half_width": 0.01}}
+    assert power(narrow, runs=6)["readable"]
+    # a statistic that did not run (an arms= subset) neither meets nor fails its target
+    partial = {"ratio_cross_oracle": {"value": None}, "cross_minus_sft": {"half_width": 0.005}}
+    q = power(partial, runs=2)
+    assert q["statistics"]["ratio_cross_oracle"]["met"] is None and q["readable"]
+
+
 def test_shipped_teacher_pairs_load_with_their_digests_checked(tmp_path):
     import shutil
 

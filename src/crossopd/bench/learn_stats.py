@@ -11,6 +11,7 @@ test set."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,15 +84,19 @@ def by_pair(rs: list[dict]) -> np.ndarray:
     return np.stack(rows)
 
 
-def power(result: dict) -> dict:
+def power(result: dict, runs: int) -> dict:
     """Each headline statistic's interval half-width against its target, and whether every
     statistic that ran met it (``readable``): an interval wider than that cannot tell the
-    readings apart that the benchmark exists for."""
+    readings apart that the benchmark exists for. ``runs_for_target`` projects the (pair, seed)
+    runs per arm the target would take, were the half-width to shrink as 1/sqrt(runs) (it
+    shrinks more slowly while there are few pairs: the teacher draw then dominates)."""
     out: dict[str, dict] = {}
     for key, target in POWER_TARGETS.items():
         hw = result[key].get("half_width")
         out[key] = {"half_width": hw, "target": target,
-                    "met": None if hw is None else bool(hw <= target)}
+                    "met": None if hw is None else bool(hw <= target),
+                    "runs": runs,
+                    "runs_for_target": None if not hw else math.ceil(runs * (hw / target) ** 2)}
     ran = [d["met"] for d in out.values() if d["met"] is not None]
     return {"statistics": out, "readable": bool(ran) and all(ran)}
 
@@ -198,7 +203,7 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         "recovery_from_sft": stat(gain_ratio(cross, "opd_same", "sft"), cross, "opd_same", "sft"),
         "plot": str(plot),
     }
-    result["power"] = power(result)
+    result["power"] = power(result, int(np.prod(next(iter(correct.values())).shape[:2])))
     return result
 
 
@@ -239,8 +244,11 @@ def render_learn_table(r: dict) -> str:
                  f"((cross - SFT) / (same - SFT)): {_interval(r['recovery_from_sft'])}")
     pw = r.get("power")
     if pw:
-        widths = ", ".join(f"{k} ±{d['half_width']:.3f} (target ±{d['target']})"
-                           for k, d in pw["statistics"].items() if d["half_width"] is not None)
+        widths = ", ".join(
+            f"{k} ±{d['half_width']:.3f} (target ±{d['target']}"
+            + ("" if d["met"] else f"; ~{d['runs_for_target']} runs per arm, not "
+               f"{d['runs']}, would reach it") + ")"
+            for k, d in pw["statistics"].items() if d["half_width"] is not None)
         lines.append(("intervals narrow enough to read: " if pw["readable"] else
                       "intervals NOT narrow enough to read (a smoke test; quote the standard "
                       "preset): ") + (widths or "no headline statistic ran"))
