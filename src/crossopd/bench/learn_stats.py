@@ -249,9 +249,10 @@ def render_learn_table(r: dict) -> str:
             + ("" if d["met"] else f"; ~{d['runs_for_target']} runs per arm, not "
                f"{d['runs']}, would reach it") + ")"
             for k, d in pw["statistics"].items() if d["half_width"] is not None)
+        smoke = " (the quick preset is a smoke test)" if r["preset"] == "quick" else ""
         lines.append(("intervals narrow enough to read: " if pw["readable"] else
-                      "intervals NOT narrow enough to read (a smoke test; quote the standard "
-                      "preset): ") + (widths or "no headline statistic ran"))
+                      f"intervals NOT narrow enough to read{smoke}: ")
+                     + (widths or "no headline statistic ran"))
     cpu = r.get("machine", {}).get("cpu", "unknown CPU")
     lines.append(f"plot: {r['plot']}; {r['seconds']:.0f} s on {cpu} (bit-for-bit reproducible "
                  f"on this CPU model only)")
