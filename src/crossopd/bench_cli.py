@@ -21,7 +21,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "same-tokenizer OPD at an equal student-token budget, on small models, over three "
         "shipped strength-matched teacher pairs and several seeds, with two-level bootstrap "
         "intervals and their half-widths, an oracle diagnosis of the credit rules and an "
-        "identity control (standard preset: STANDARD_MIN; --quick: a smoke test, QUICK_MIN). "
+        "identity control (standard preset: ~1 h on 2 cores; --quick: a smoke test, ~7 min). "
         "'serve': serve-teacher on the bundled teacher under one "
         "client, then N concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, "
         "peak RSS; --quick: ~1 min on 2 cores). 'step': one whole OPD step per phase for the "
