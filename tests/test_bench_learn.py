@@ -226,9 +226,12 @@ def test_retrain_teachers_trains_into_the_cache_and_replaces_it(tmp_path, monkey
     root, source = locate(preset, 2, parts, progress=lambda m: None)
     assert source == "trained" and root.is_relative_to(tmp_path)
     first = verify(root)["sha256"]
+    built = (root / "manifest.json").stat().st_mtime_ns
     assert locate(preset, 2, parts, progress=lambda m: None) == (root, "cache")
-    # a retrain trains anew even where the cache has them
+    assert (root / "manifest.json").stat().st_mtime_ns == built  # read, not rebuilt
+    # a retrain trains anew even where the cache has them: a new manifest for the same files
     assert locate(preset, 2, parts, retrain=True, progress=lambda m: None) == (root, "trained")
+    assert (root / "manifest.json").stat().st_mtime_ns != built
     assert verify(root)["sha256"].keys() == first.keys()
 
 

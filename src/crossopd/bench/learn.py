@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from crossopd import __version__
 from crossopd.bench.learn_arms import run_opd, run_sft, run_uld
 from crossopd.bench.learn_stats import MATCH_TOLERANCE, save_runs, summarise
 from crossopd.bench.learn_task import accuracy, correct_answers, make_split
@@ -153,13 +154,19 @@ def load_models(preset: Preset, retrain: bool = False,
     return pairs, source, hashlib.sha256(digests.encode()).hexdigest()[:16]
 
 
+# bump when an arm's training or scoring code changes: kept runs of the old code then no longer
+# load (the crossopd version is in the key too)
+RUNS_VERSION = 1
+
+
 def unit_dir(out_dir: Path, preset: Preset, artifacts: str) -> Path:
     """Where each finished (arm, pair, seed) run is kept, keyed on everything it depends on but
     the number of seeds, pairs and arms: a killed run resumes, and a rerun with more seeds
     trains only the new ones."""
     fields = {k: v for k, v in asdict(preset).items()
               if k not in ("seeds", "teacher_pairs", "arms", "diagnosis_rollouts")}
-    key = json.dumps({**fields, "artifacts": artifacts}, sort_keys=True)
+    key = json.dumps({**fields, "artifacts": artifacts, "code": RUNS_VERSION,
+                      "crossopd": __version__}, sort_keys=True)
     return out_dir / "units" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -228,7 +235,7 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
                   diagnosis=diagnoses[0]["diagnosis"], identity=diagnoses[0]["identity"],
                   by_pair=diagnoses, machine=machine(), units=str(units), reused_units=reused,
                   seconds=time.perf_counter() - t_start)
-    (Path(out_dir) / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(Path(out_dir) / "result.json", json.dumps(result, indent=2))
     return result
 
 
