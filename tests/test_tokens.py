@@ -227,6 +227,51 @@ def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
     assert file_digest(copy) != file_digest(path)
 
 
+def _char_level_copy(src, dst):
+    """``src``'s tokenizer as a converter that lost its merges writes it: BPE without merges
+    (every word in single characters)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for marker in dst.glob("sound-tf*"):
+        marker.unlink()
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    spec["model"]["merges"] = []
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+
+
+def test_a_gguf_conversion_that_spells_words_in_characters_is_never_used(tmp_path, monkeypatch):
+    """Some transformers versions convert a GGUF tokenizer without its merges (5.10 does so for
+    Gemma 3): crossopd uses a sound conversion of another version from the cache instead, and
+    without one says how to make it; the result is remembered per transformers version."""
+    from importlib.metadata import version
+
+    from crossopd import bundled
+    from crossopd.vocabs.gguf import TokenizerConversionError, gguf_tokenizer_dir, tokenizer_sound
+
+    path = bundled.smollm2_gguf()
+    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "real"))
+    good = gguf_tokenizer_dir(path)
+    assert tokenizer_sound(good)
+    assert (good / f"sound-tf{version('transformers')}").read_text() == "yes\n"
+    broken = tmp_path / "broken"
+    _char_level_copy(good, broken)
+    assert not tokenizer_sound(broken)
+
+    cache = tmp_path / "cache" / "tokenizers"
+    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
+    stem = good.name.rsplit("-tf", 1)[0]
+    _char_level_copy(good, cache / good.name)  # this version's conversion: broken
+    with pytest.raises(TokenizerConversionError, match="without its BPE merges.*\\.venv/bin"):
+        gguf_tokenizer_dir(path)
+    import shutil
+
+    shutil.copytree(good, cache / f"{stem}-tf4.0.0")  # another version's: sound
+    shutil.copytree(good, cache / f"{stem}-tf4.10.0")
+    assert gguf_tokenizer_dir(path) == cache / f"{stem}-tf4.10.0"  # the newest sound one
+
+
 def test_unknown_source_error_names_the_options():
     with pytest.raises(FileNotFoundError, match="bundled name"):
         ByteVocab.from_pretrained("./no/such/tokenizer")

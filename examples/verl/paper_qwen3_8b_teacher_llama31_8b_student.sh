@@ -6,7 +6,11 @@
 # temperature 0.6, top-p 0.95, n = 4; FSDP with offload, Ulysses SP 2, rollout TP 2.
 #
 # Hardware: the student trains on 2 nodes x 8 GPUs (trainer.*); verl's teacher pool is one more
-# node of 8 GPUs (distillation.*: 4 replicas of Qwen3-8B at TP 2). Not run here (CPU only):
+# node of 8 GPUs (distillation.*: 4 replicas of Qwen3-8B at TP 2). verl's pool serves the
+# cross-family teacher: crossopd's worker sends it the teacher-side ids (its prompt format, the
+# response spelled in its vocabulary), writes the credit targets into `teacher_logprobs`, and the
+# `crossopd` distillation loss trains. The same launch on a laptop, scaled down, CPU only:
+#   .venv-verl/bin/python -m crossopd.integrations.verl.smoke --teacher-mode pool
 # docs/scale.md says what has run where.
 #
 # Memory (80 GB GPUs, bf16):
@@ -51,6 +55,7 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.rollout.tensor_model_parallel_size=2 \
   actor_rollout_ref.rollout.gpu_memory_utilization=0.6 \
   actor_rollout_ref.rollout.calculate_log_probs=True \
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1 \
   actor_rollout_ref.rollout.val_kwargs.do_sample=True \
   actor_rollout_ref.rollout.val_kwargs.temperature=0.6 \
   actor_rollout_ref.rollout.val_kwargs.top_p=0.95 \
@@ -68,6 +73,8 @@ python3 -m verl.trainer.main_ppo \
   distillation.distillation_loss.loss_max_clamp=null \
   distillation.distillation_loss.clip_ratio_low=0.2 \
   distillation.distillation_loss.clip_ratio_high=0.28 \
+  trainer.v1.sampler.custom_sampler.path=pkg://crossopd.integrations.verl.sampler \
+  trainer.v1.sampler.custom_sampler.name=CrossOPDReplayBuffer \
   +crossopd.credit_rule=proportional \
   trainer.nnodes=2 \
   trainer.n_gpus_per_node=8 \

@@ -63,6 +63,16 @@ def gguf_model_dir(path: Path) -> Path:
     return atomic_dir_write(target, write)
 
 
+def model_source(src: str | Path) -> str:
+    """What ``from_pretrained`` loads for a path, hub id, GGUF file or bundled model name: a
+    Hugging Face directory (GGUF files through the ``gguf_model_dir`` cache), or the hub id."""
+    resolved = bundled.resolve_tokenizer(str(src))
+    path = Path(resolved) if isinstance(resolved, (str, Path)) else Path(str(src))
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        path = gguf_model_dir(path)
+    return str(path.resolve()) if path.exists() else str(src)
+
+
 def load_hf_model(src: Any, dtype: Any = None, device: str | None = None) -> Any:
     """A transformers causal LM for a path, hub id, GGUF file or bundled model name (GGUF files
     through the ``gguf_model_dir`` cache)."""
@@ -71,13 +81,7 @@ def load_hf_model(src: Any, dtype: Any = None, device: str | None = None) -> Any
 
     if not isinstance(src, (str, Path)):
         return src
-    resolved = bundled.resolve_tokenizer(str(src))
-    path = Path(resolved) if isinstance(resolved, (str, Path)) else Path(str(src))
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        path = gguf_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path) if path.exists() else str(src), dtype=dtype or torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_source(src), dtype=dtype or torch.float32)
     if device:
         model.to(device)
     return model.eval()

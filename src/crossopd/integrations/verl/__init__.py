@@ -1,14 +1,19 @@
-"""crossopd on verl: cross-family OPD in verl's own trainer, as a plugin that edits nothing in
-verl.
+"""crossopd on verl: cross-family OPD in verl's own (v1) trainer, as a plugin that edits nothing
+in verl.
 
-- ``plugin`` (the ``verl.plugins`` entry point, loaded on ``import verl``) registers the
-  ``crossopd`` distillation loss (``loss``): crossopd's PPO-clip with dual clip and token mean.
-- ``worker`` holds the agent-loop manager and worker whose teacher step is crossopd's: bridge,
-  teacher scoring of the response bytes, DPCA, credit on the rollout log-probs; the targets go
-  into ``teacher_logprobs`` and tokens without a signal leave ``response_mask``.
-- ``targets`` is that teacher step as plain functions of one sample (no verl types).
-- ``check`` (``python -m crossopd.integrations.verl.check``) compares all of it with the native
-  step library on CPU.
+- ``plugin`` (the ``verl.plugins`` entry point, loaded on ``import verl``) registers crossopd's
+  loss, policy loss and advantage estimator (``loss``), a CPU platform (``cpu_platform``) and a
+  CPU rollout (``cpu_rollout``).
+- ``settings``: the launch's ``crossopd:`` section and every check a launch must pass.
+- ``worker``: the agent-loop manager and worker whose teacher step (``teacher_step``) is
+  crossopd's: bridge, teacher scoring of the response bytes, DPCA, credit on the rollout
+  log-probs; tokens without a signal leave ``response_mask``.
+- ``targets``: that teacher step as plain functions of one sample (no verl types).
+- ``sampler``: verl's replay buffer reporting crossopd's per-step counts (``opd/...``).
+- ``check`` (``python -m crossopd.integrations.verl.check``) compares the worker's step and the
+  losses with the native step library; ``smoke`` (``python -m
+  crossopd.integrations.verl.smoke``) runs a shipped launch, scaled down, through verl's own
+  trainer on the CPU.
 
-docs/scale.md has the launch, verl's keys and crossopd's, and what has and has not run.
+docs/scale.md has the launches, verl's keys and crossopd's, and what has and has not run.
 """

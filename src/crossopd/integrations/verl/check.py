@@ -1,17 +1,23 @@
 """``python -m crossopd.integrations.verl.check [--data FILE] [--json]`` (in ``.venv-verl``): the
-verl plugin against crossopd's native step library, on CPU, with verl's real classes.
+verl plugin's pieces against crossopd's native step library, on CPU, with verl's real classes
+and no Ray (``smoke`` runs the whole trainer).
 
 1. Student rollouts on the bundled pair (SmolLM2-135M learns from Gemma 3 270M, the demo's
-   plain teacher format), on the bundled prompts or on the ``messages``/``prompt`` rows of FILE.
-2. Each rollout through ``CrossOPDAgentLoopWorker._agent_loop_postprocess`` (verl's padding and
-   ``_postprocess`` batching included) and, on the same ids and rollout log-probs, through
-   ``crossopd.opd.score_rollouts``: the targets and the signal mask must agree.
-3. The registered ``crossopd`` loss, through verl's ``distillation_loss`` on the batch the worker
-   built (log-probs moved off the rollout's, so the clip is exercised), against
+   plain teacher format), on the bundled prompts or on the ``messages``/``prompt`` rows of FILE,
+   scored natively (``crossopd.opd.score_rollouts``).
+2. Each rollout as verl's ``AgentLoopOutput`` through the worker's teacher step
+   (``TeacherStep.run``) in both modes: ``pool`` writes the targets into the teacher fields,
+   ``advantage`` returns the per-token advantage; both trim the response mask. Targets,
+   advantages and the signal mask must be the native step's.
+3. Both losses through verl's own code on those samples (log-probs moved off the rollout's, so
+   the clip is exercised): the ``crossopd`` distillation loss through verl's
+   ``distillation_loss``, and the advantage through verl's ``compute_advantage`` (the
+   ``crossopd`` estimator) into verl's ``ppo_loss`` (the ``crossopd`` policy loss); each against
    ``crossopd.loss.policy_loss``.
 
-Prints ``sequences``, ``coverage``, ``max_abs_diff_targets``, ``mask_equal``,
-``max_abs_diff_loss``, ``plugin_loaded``; exits 1 when a check fails.
+Prints ``sequences``, ``coverage``, ``max_abs_diff_targets``, ``max_abs_diff_advantages``,
+``mask_equal``, ``max_abs_diff_loss`` (the distillation loss), ``max_abs_diff_policy_loss``,
+``plugin_loaded``; exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import argparse
 import asyncio
 import json
 import sys
-from types import SimpleNamespace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,14 +34,23 @@ import torch
 
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
 TARGET_TOLERANCE = 1e-6
+LOSS_TOLERANCE = 1e-9
+# the advantage travels as verl's token-level reward, a float32 tensor: |A| <= 10 rounds by up
+# to 6e-7 per token (the native step keeps float64)
+POLICY_LOSS_TOLERANCE = 1e-6
 
 
 def plugin_loaded() -> bool:
-    """``crossopd`` is in verl's registry after ``import verl`` alone (the entry point)."""
+    """crossopd is in every verl registry it extends after ``import verl`` alone."""
     import verl  # noqa: F401
+    from verl.plugin.platform import PlatformRegistry
     from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    return "crossopd" in DISTILLATION_LOSS_REGISTRY
+    return ("crossopd" in DISTILLATION_LOSS_REGISTRY and "crossopd" in POLICY_LOSS_REGISTRY
+            and "crossopd" in ADV_ESTIMATOR_REGISTRY and PlatformRegistry.get("cpu") is not None
+            and "hf" in RolloutReplicaRegistry._registry)
 
 
 def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
@@ -49,9 +64,9 @@ def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
     s_tok = load_hf_tokenizer("smollm2")
     student = StudentSide.from_model(load_hf_model("smollm2", device="cpu"), s_tok)
     step = build_step(s_tok)
-    rollout = RolloutConfig(max_new_tokens=max_new_tokens)
     torch.manual_seed(seed)
-    exs, prompts, responses = sample_rollouts(student, examples, rollout)
+    exs, prompts, responses = sample_rollouts(student, examples,
+                                              RolloutConfig(max_new_tokens=max_new_tokens))
     seqs = [list(p) + r.tolist() for p, r in zip(prompts, responses)]
     spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
     with torch.no_grad():
@@ -59,13 +74,13 @@ def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
     native = score_rollouts(student, step.teachers, exs, prompts, responses,
                             old_logps=old, credit_rule=step.settings.credit_rule,
                             special_penalty=step.settings.special_token_penalty())
-    return s_tok, step, exs, prompts, responses, old, native
+    return step, exs, prompts, responses, old, native
 
 
 def build_step(s_tok: Any) -> Any:
     from omegaconf import OmegaConf
 
-    from crossopd.integrations.verl.worker import teacher_step
+    from crossopd.integrations.verl.teacher_step import teacher_step
 
     # max_batch_tokens=1: the teacher scores every sequence in a forward pass of its own, in
     # the native step (which batches a step's requests) as in the worker (one sample at a
@@ -75,102 +90,139 @@ def build_step(s_tok: Any) -> Any:
     return teacher_step(config, s_tok)
 
 
-def worker_batch(s_tok: Any, step: Any, exs: list, prompts: list, responses: list,
-                 old: list) -> Any:
-    """The rollouts through the verl worker's postprocessing, batched by verl."""
+def worker_outputs(step: Any, mode: str, exs: list, prompts: list, responses: list,
+                   old: list) -> list[tuple[Any, torch.Tensor | None]]:
+    """Each rollout through the worker's teacher step in ``mode``: (verl's output, advantage)."""
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 
-    from crossopd.hub import load_hf_tokenizer
-    from crossopd.integrations.verl.worker import CrossOPDAgentLoopWorker
+    step = replace(step, signal=mode)
 
-    # verl loads the student's tokenizer with a pad token (its EOS when it has none)
-    s_tok = load_hf_tokenizer(s_tok.name_or_path)
-    if s_tok.pad_token_id is None:
-        s_tok.pad_token = s_tok.eos_token
-    # a worker without its Ray servers: the attributes postprocessing reads
-    worker = object.__new__(CrossOPDAgentLoopWorker)
-    worker.opd, worker.tokenizer, worker.processor = step, s_tok, None
-    worker.rollout_config = SimpleNamespace(prompt_length=max(map(len, prompts)),
-                                            response_length=max(map(len, responses)))
-    worker.reward_loop_worker_handles, worker.mm_processor_kwargs = None, {}
-    worker.distillation_enabled = False
-
-    async def one(ex: Any, p: list, r: np.ndarray, o: torch.Tensor) -> Any:
+    async def one(ex: Any, p: list, r: np.ndarray, o: torch.Tensor) -> tuple:
         out = AgentLoopOutput(prompt_ids=list(p), response_ids=r.tolist(),
                               response_mask=[1] * len(r), response_logprobs=o.tolist(),
                               num_turns=2, metrics=AgentLoopMetrics())
-        raw = np.empty(len(ex.messages), dtype=object)
-        raw[:] = ex.messages
-        return await worker._agent_loop_postprocess(out, validate=False, raw_prompt=raw)
+        return out, await step.run(out, {"raw_prompt": ex.messages})
 
     async def every() -> list:
         return [await one(*x) for x in zip(exs, prompts, responses, old)]
 
-    return worker._postprocess(asyncio.run(every()))
+    return asyncio.run(every())
 
 
-def compare_targets(batch: Any, native: Any) -> tuple[float, bool]:
-    width = batch.batch["prompts"].shape[1]
-    diff, equal = 0.0, True
-    for i, (q, signal) in enumerate(zip(native.targets, native.signal)):
+def compare_worker(pool: list, advantage: list, native: Any) -> tuple[float, float, bool]:
+    d_targets, d_adv, equal = 0.0, 0.0, True
+    for (out, _), (out_a, adv), q, a, signal in zip(pool, advantage, native.targets,
+                                                   native.advantages, native.signal):
         n = len(q)
-        mask = batch.batch["response_mask"][i, :n].bool()
-        equal &= bool(torch.equal(mask, signal)) and not batch.batch["response_mask"][i, n:].any()
-        ours = batch.batch["teacher_logprobs"][i, width - 1: width - 1 + n, 0].double()
+        for mask in (out.response_mask, out_a.response_mask):
+            equal &= bool(torch.equal(torch.tensor(mask, dtype=torch.bool), signal))
+        prompt_len = len(out.prompt_ids)
+        ours = out.extra_fields["teacher_logprobs"][prompt_len - 1: prompt_len - 1 + n, 0]
         if signal.any():
-            diff = max(diff, float((ours[signal] - q[signal]).abs().max()))
-    return diff, equal
+            d_targets = max(d_targets, float((ours.double()[signal] - q[signal]).abs().max()))
+        # the worker's advantage is float32 (verl's reward tensor): compared in float32
+        d_adv = max(d_adv, float((adv - a.float()).abs().max()))
+    return d_targets, d_adv, equal
 
 
-def loss_parity(batch: Any, old: list, seed: int) -> float:
-    """verl's distillation loss with ``loss_mode=crossopd`` on the worker's batch against
+def perturbed(old: list, seed: int) -> list[torch.Tensor]:
+    """Current log-probs moved off the rollout's, so PPO's clip and dual clip act."""
+    gen = torch.Generator().manual_seed(seed)
+    return [o + 0.3 * torch.randn(len(o), generator=gen, dtype=torch.float64) for o in old]
+
+
+def padded(rows: list[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
+
+
+def actor_config(n: int) -> Any:
+    from verl.workers.config import ActorConfig
+    from verl.workers.config.actor import PolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", ppo_mini_batch_size=n, rollout_n=1,
+                       ppo_micro_batch_size_per_gpu=n, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                       clip_ratio_c=10.0, loss_agg_mode="token-mean",
+                       policy_loss=PolicyLossConfig(loss_mode="crossopd"))
+
+
+def native_loss(current: list, old: list, targets: list) -> float:
+    from crossopd.loss import LossConfig, advantages, policy_loss
+
+    adv_valid = [advantages(q, o) for q, o in zip(targets, old)]
+    loss, _ = policy_loss(torch.cat(current), torch.cat(old), torch.cat([a for a, _ in adv_valid]),
+                          torch.cat([v for _, v in adv_valid]), LossConfig(0.2, 0.28, 10.0))
+    return float(loss)
+
+
+def distillation_loss_parity(pool: list, old: list, current: list) -> float:
+    """verl's distillation loss with ``loss_mode=crossopd`` on the pool-mode samples against
     crossopd's ``policy_loss`` on the same numbers."""
     from tensordict import TensorDict
     from verl.trainer.distillation.losses import distillation_loss
     from verl.utils.tensordict_utils import assign_non_tensor
-    from verl.workers.config import ActorConfig, DistillationConfig, DistillationLossConfig
+    from verl.workers.config import DistillationConfig, DistillationLossConfig
 
-    from crossopd.loss import LossConfig, advantages, policy_loss
-
-    b = batch.batch
-    width, resp = b["prompts"].shape[1], b["responses"].shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    current = [o + 0.3 * torch.randn(len(o), generator=gen, dtype=torch.float64) for o in old]
-    old_pad = torch.zeros(len(old), resp, dtype=torch.float64)
-    values, teacher = [], []
-    for i, (o, lp) in enumerate(zip(old, current)):
-        keep = b["attention_mask"][i].bool()
-        # verl's unpadded model output: row t is the log-prob of token t + 1
-        row = torch.zeros(int(keep.sum()), dtype=torch.float64)
-        n_prompt = int(keep[:width].sum())
-        row[n_prompt - 1: n_prompt - 1 + len(lp)] = lp
-        values.append(row)
-        teacher.append(b["teacher_logprobs"][i][keep])
-        old_pad[i, : len(o)] = o
-    mask = b["response_mask"].bool()
-    # the unpadded teacher rows are not batch-shaped: a TensorDict without batch dimensions
-    data = TensorDict({"prompts": b["prompts"], "responses": b["responses"],
-                       "attention_mask": b["attention_mask"], "response_mask": mask,
-                       "old_log_probs": old_pad, "teacher_logprobs": torch.cat(teacher)},
-                      batch_size=[])
+    outs = [o for o, _ in pool]
+    prompts = [torch.tensor(o.prompt_ids) for o in outs]
+    width = max(len(p) for p in prompts)
+    left = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=p.dtype), p])
+                        for p in prompts])
+    responses = padded([torch.tensor(o.response_ids) for o in outs])
+    mask = padded([torch.tensor(o.response_mask, dtype=torch.bool) for o in outs], False)
+    in_prompt = torch.arange(width) >= width - torch.tensor([len(p) for p in prompts])[:, None]
+    attention = torch.cat([in_prompt, padded([torch.ones(len(o.response_ids), dtype=torch.bool)
+                                              for o in outs], False)], 1).long()
+    # verl's unpadded model output: row t of a sample is the log-prob of its token t + 1
+    values = [torch.cat([torch.zeros(len(o.prompt_ids) - 1, dtype=torch.float64), c,
+                         torch.zeros(1, dtype=torch.float64)]) for o, c in zip(outs, current)]
+    teacher = [o.extra_fields["teacher_logprobs"] for o in outs]
+    data = TensorDict({"prompts": left, "responses": responses, "attention_mask": attention,
+                       "response_mask": mask, "old_log_probs": padded(old),
+                       "teacher_logprobs": torch.cat(teacher)}, batch_size=[])
     assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()),
-                      global_batch_size=len(old))
-    actor = ActorConfig(strategy="fsdp", ppo_mini_batch_size=len(old), rollout_n=1,
-                        ppo_micro_batch_size_per_gpu=len(old), clip_ratio_c=10.0,
-                        loss_agg_mode="token-mean")
+                      global_batch_size=len(outs))
     dist = DistillationConfig(distillation_loss=DistillationLossConfig(
         loss_mode="crossopd", use_policy_gradient=False, loss_max_clamp=None,
         clip_ratio_low=0.2, clip_ratio_high=0.28))
-    got, _ = distillation_loss(actor, dist, {"log_probs": torch.cat(values)}, data)
-    q = [b["teacher_logprobs"][i, width - 1: width - 1 + len(o), 0].double()
-         for i, o in enumerate(old)]
-    q = [torch.where(mask[i, : len(o)], qi, torch.tensor(float("nan"), dtype=torch.float64))
-         for i, (qi, o) in enumerate(zip(q, old))]
-    adv_valid = [advantages(qi, o) for qi, o in zip(q, old)]
-    want, _ = policy_loss(torch.cat(current), torch.cat(old),
-                          torch.cat([a for a, _ in adv_valid]),
-                          torch.cat([v for _, v in adv_valid]), LossConfig(0.2, 0.28, 10.0))
-    return abs(float(got) - float(want))
+    got, _ = distillation_loss(actor_config(len(outs)), dist, {"log_probs": torch.cat(values)},
+                               data)
+    targets = [torch.where(torch.tensor(o.response_mask, dtype=torch.bool),
+                           o.extra_fields["teacher_logprobs"][len(o.prompt_ids) - 1:
+                                                              len(o.prompt_ids) - 1 +
+                                                              len(c), 0].double(),
+                           torch.tensor(float("nan"), dtype=torch.float64))
+               for o, c in zip(outs, old)]
+    return abs(float(got) - native_loss(current, old, targets))
+
+
+def policy_loss_parity(advantage: list, old: list, current: list, native: Any) -> float:
+    """The worker's advantage (the token-level reward) through verl's ``compute_advantage``
+    with the ``crossopd`` estimator, then verl's ``ppo_loss`` with the ``crossopd`` policy loss,
+    against crossopd's ``policy_loss``."""
+    from tensordict import TensorDict
+    from verl.protocol import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+    from verl.utils.tensordict_utils import assign_non_tensor
+    from verl.workers.utils.losses import ppo_loss
+
+    outs = [o for o, _ in advantage]
+    mask = padded([torch.tensor(o.response_mask, dtype=torch.float32) for o in outs])
+    rewards = padded([a for _, a in advantage])
+    batch = DataProto.from_dict({"token_level_rewards": rewards, "response_mask": mask})
+    adv = compute_advantage(batch, adv_estimator="crossopd").batch["advantages"]
+    # verl's unpadded model output over a one-token prompt: row t is the log-prob of token t + 1
+    lengths = padded([torch.ones(len(o.response_ids), dtype=torch.long) for o in outs])
+    data = TensorDict({"prompts": torch.zeros(len(outs), 1, dtype=torch.long),
+                       "responses": padded([torch.tensor(o.response_ids) for o in outs]),
+                       "attention_mask": torch.cat([torch.ones(len(outs), 1,
+                                                               dtype=torch.long), lengths], 1),
+                       "response_mask": mask.bool(), "old_log_probs": padded(old),
+                       "advantages": adv.double()}, batch_size=[len(outs)])
+    assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()),
+                      global_batch_size=len(outs))
+    values = torch.cat([torch.cat([c, torch.zeros(1, dtype=torch.float64)]) for c in current])
+    got, _ = ppo_loss(actor_config(len(outs)), {"log_probs": values}, data)
+    return abs(float(got) - native_loss(current, old, native.targets))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,23 +241,29 @@ def main(argv: list[str] | None = None) -> int:
     quiet_hf()
     loaded = plugin_loaded()
     examples = load_examples(args.data or "bundled:counts")[: args.limit]
-    s_tok, step, exs, prompts, responses, old, native = rollouts(
-        examples, args.max_new_tokens, args.seed)
-    batch = worker_batch(s_tok, step, exs, prompts, responses, old)
-    diff, equal = compare_targets(batch, native)
+    step, exs, prompts, responses, old, native = rollouts(examples, args.max_new_tokens,
+                                                          args.seed)
+    pool = worker_outputs(step, "pool", exs, prompts, responses, old)
+    advantage = worker_outputs(step, "advantage", exs, prompts, responses, old)
+    d_targets, d_adv, equal = compare_worker(pool, advantage, native)
+    current = perturbed(old, args.seed)
     result = {"sequences": len(exs), "coverage": native.stats["coverage"],
               "signal_tokens": native.stats["signal_tokens"],
-              "max_abs_diff_targets": diff, "mask_equal": equal,
-              "max_abs_diff_loss": loss_parity(batch, old, args.seed),
+              "max_abs_diff_targets": d_targets, "max_abs_diff_advantages": d_adv,
+              "mask_equal": equal,
+              "max_abs_diff_loss": distillation_loss_parity(pool, old, current),
+              "max_abs_diff_policy_loss": policy_loss_parity(advantage, old, current, native),
               "plugin_loaded": loaded}
-    ok = loaded and equal and diff <= TARGET_TOLERANCE and result["max_abs_diff_loss"] <= 1e-9
-    result["ok"] = ok
+    result["ok"] = (loaded and equal and d_targets <= TARGET_TOLERANCE
+                    and d_adv <= TARGET_TOLERANCE
+                    and result["max_abs_diff_loss"] <= LOSS_TOLERANCE
+                    and result["max_abs_diff_policy_loss"] <= POLICY_LOSS_TOLERANCE)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:<22} {v}")
-    return 0 if ok else 1
+            print(f"{k:<26} {v}")
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

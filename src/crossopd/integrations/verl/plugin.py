@@ -1,9 +1,12 @@
 """The ``verl.plugins`` entry point: ``import verl`` imports this module (``pip install
-'crossopd[verl]'`` declares it), which registers the ``crossopd`` distillation loss. The
-agent-loop manager is named in the launch
-(``+actor_rollout_ref.rollout.agent.agent_loop_manager_class=``
-``crossopd.integrations.verl.worker.CrossOPDAgentLoopManager``)."""
+'crossopd[verl]'`` declares it) in every process, which registers crossopd with verl: the
+``crossopd`` distillation loss, policy loss and advantage estimator (``loss``), the ``cpu``
+platform (``cpu_platform``, chosen by ``VERL_PLATFORM=cpu``) and the ``hf`` rollout
+(``cpu_rollout``). The agent-loop manager and the sampler are named in the launch
+(docs/scale.md)."""
 
-from crossopd.integrations.verl.loss import register
+from crossopd.integrations.verl import cpu_platform, cpu_rollout, loss
 
-register()
+loss.register()
+cpu_platform.register()
+cpu_rollout.register()

@@ -1,0 +1,92 @@
+"""A verl run's trained samples against crossopd's native step library (what ``smoke`` checks):
+the worker recorded, for every training sample, the student's ids as sampled, the rollout
+log-probs, the teacher log-probs it got and the targets, mask and counts it produced
+(``+crossopd.record_dir``). Here the same ids go through ``crossopd.opd.score_rollouts`` with
+the teacher scoring in process, one sequence per forward pass:
+
+- ``max_abs_diff_teacher_logprobs``: the run's teacher (HTTP server or verl's pool) against the
+  native in-process scoring of the same teacher ids;
+- ``max_abs_diff_targets`` and ``mask_equal``: the native bridge, alignment and credit on the
+  run's own teacher log-probs against the run's targets and response mask (exact);
+- ``max_abs_diff_metrics``: the native counts of the last step's samples against the ``opd/``
+  metrics verl's tracker logged for that step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossopd.config import TeacherConfig
+from crossopd.integrations.verl.settings import VerlSettings
+from crossopd.integrations.verl.teacher_step import opd_metrics, student_side
+from crossopd.prompts import Example
+
+TEACHER_TOLERANCE = 1e-4
+METRICS = ("sequences", "coverage", "one_to_one_share", "signal_tokens", "kl_per_token",
+           "stop_rate", "overflowed_sequences", "unaligned_tokens")
+
+
+def read_records(directory: Path) -> list[dict]:
+    rows = [json.loads(line) for f in sorted(directory.glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["global_steps"])
+
+
+def _nan(values: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def compare(out: Path, student: str, t_cfg: TeacherConfig, logged: dict[str, float],
+            settings: VerlSettings | None = None) -> dict[str, Any]:
+    """The comparison for the run in ``out`` (module docstring); ``t_cfg``: the teacher in
+    process, with the run's prompt format."""
+    from crossopd.build import build_teacher, check_teacher
+    from crossopd.hub import load_hf_tokenizer
+    from crossopd.opd import credit_targets, score_rollouts
+
+    settings = settings or VerlSettings()
+    records = read_records(out / "samples")
+    if not records:
+        return {"ok": False, "error": f"no samples recorded under {out / 'samples'}"}
+    s_side = student_side(load_hf_tokenizer(student))
+    t_side = build_teacher(t_cfg, check_teacher(t_cfg), name="teacher",
+                           device=torch.device("cpu"), max_batch_tokens=1)
+    exs = [Example(r["messages"]) for r in records]
+    old = [torch.tensor(r["rollout_logprobs"], dtype=torch.float64) for r in records]
+    responses = [np.asarray(r["response_ids"], dtype=np.int64) for r in records]
+    native = score_rollouts(s_side, {"teacher": t_side}, exs, [r["prompt_ids"] for r in records],
+                            responses, old_logps=old, credit_rule=settings.credit_rule,
+                            special_penalty=settings.special_token_penalty(),
+                            max_batch_tokens=1)
+    d_teacher, d_targets, mask_equal = 0.0, 0.0, True
+    for r, req, lp, o in zip(records, native.requests, native.teacher_logps, old):
+        run_lp = None if r["teacher_logprobs"] is None else np.asarray(r["teacher_logprobs"])
+        if (lp is None) != (run_lp is None):
+            return {"ok": False, "error": "the run and the native step disagree on which "
+                    "sequences the teacher could score"}
+        if lp is not None:
+            d_teacher = max(d_teacher, float(np.abs(lp - run_lp).max()))
+        c = credit_targets(req, run_lp, o.numpy(), s_side.vocab, t_side.vocab,
+                           rule=settings.credit_rule,
+                           special_penalty=settings.special_token_penalty())
+        ours, theirs = c.targets, _nan(r["targets"])
+        mask_equal &= bool(np.array_equal(~np.isnan(ours), np.asarray(r["response_mask"]) == 1))
+        mask_equal &= bool(np.array_equal(np.isnan(ours), np.isnan(theirs)))
+        both = ~np.isnan(ours) & ~np.isnan(theirs)
+        if both.any():
+            d_targets = max(d_targets, float(np.abs(ours[both] - theirs[both]).max()))
+    last = max(r["global_steps"] for r in records)
+    step = [dict(r["stats"], teacher="teacher") for r in records if r["global_steps"] == last]
+    mine = {k[4:]: v for k, v in opd_metrics(step).items()}
+    d_metrics = max(abs(mine[k] - logged.get(k, np.inf)) for k in METRICS)
+    ok = (mask_equal and d_targets <= 1e-12 and d_teacher <= TEACHER_TOLERANCE
+          and d_metrics <= 1e-9)
+    return {"ok": ok, "sequences": len(records), "last_step_sequences": len(step),
+            "max_abs_diff_teacher_logprobs": d_teacher, "max_abs_diff_targets": d_targets,
+            "mask_equal": mask_equal, "max_abs_diff_metrics": d_metrics,
+            "native_coverage": native.stats["coverage"]}

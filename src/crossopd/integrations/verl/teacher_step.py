@@ -1,0 +1,192 @@
+"""crossopd's teacher step inside a verl agent-loop worker, for one sample at a time: the
+messages bridged into the teacher's own prompt format, the response bytes spelled in the
+teacher's vocabulary and scored (crossopd's teacher, or verl's teacher pool), aligned (DPCA),
+credited on the rollout log-probs, and laid out as verl's fields (``targets``). Tokens without a
+signal leave ``response_mask``; each sample's counts ride along in ``extra_fields`` and
+crossopd's sampler reports their sums (``opd_metrics``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossopd.bridge import ChatFormat
+from crossopd.config import ConfigError
+from crossopd.integrations.verl.settings import VerlSettings, pool_teacher, settings_from
+from crossopd.integrations.verl.targets import (
+    as_messages,
+    bridge_request,
+    check_single_turn,
+    teacher_span,
+    verl_targets,
+)
+from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide
+from crossopd.stats import TEACHER_STATS, StepStats
+from crossopd.teaching import score_requests
+from crossopd.tokens import ByteVocab
+
+STATS_FIELD = "crossopd_stats"
+
+
+def pool_context_check(teacher: TeacherSide, student: StudentSide, max_model_len: int | None,
+                       prompt_length: int, response_length: int) -> None:
+    """A pool whose context cannot hold the teacher's rendering of a full-length sample fails at
+    start with one line: the teacher's prompt format can cost more tokens than the student's,
+    and a response is spelled in the teacher's vocabulary."""
+    if max_model_len is None:
+        return
+    probe = [{"role": "user", "content": "Hi"}]
+    extra = max(0, len(teacher.fmt.prompt_ids(teacher.context.apply(probe)))
+                - len(student.fmt.prompt_ids(probe)))
+    need = prompt_length + response_length + len(teacher.fmt.end_of_turn_ids) + extra + 1
+    if max_model_len < need:
+        raise ConfigError(
+            f"the teacher pool's max_model_len {max_model_len} cannot hold a full sample on the "
+            f"teacher side (prompt {prompt_length} + response {response_length} + its format "
+            f"{extra + len(teacher.fmt.end_of_turn_ids)} + 1 = {need} tokens): raise "
+            "distillation.teacher_models.teacher_model.inference.max_model_len")
+
+
+@dataclass
+class TeacherStep:
+    """crossopd's teacher step with everything it needs, built once per worker."""
+
+    student: StudentSide
+    teachers: dict[str, TeacherSide]
+    settings: VerlSettings
+    pool: Any = None  # verl's AsyncTeacherLLMServerManager when verl's replicas score
+    # how the signal reaches verl: "advantage" (the token-level reward) or "pool" (the targets
+    # in the teacher fields, for the crossopd distillation loss); settings.mode by default
+    signal: str = ""
+
+    def __post_init__(self) -> None:
+        self.signal = self.signal or self.settings.mode
+
+    def teacher_for(self, kwargs: dict) -> TeacherSide:
+        """The sample's teacher: the only one, or the one its ``teacher_key`` field names."""
+        if len(self.teachers) == 1:
+            return next(iter(self.teachers.values()))
+        key = self.settings.teacher_key
+        value = kwargs.get(key)
+        name = value.item() if hasattr(value, "item") else value
+        if name not in self.teachers:
+            raise ValueError(f"crossopd: the sample's {key} is {name!r}, which names no teacher; "
+                             f"crossopd.teachers: {', '.join(self.teachers)}")
+        return self.teachers[name]
+
+    async def run(self, output: Any, kwargs: dict) -> torch.Tensor | None:
+        """Trim ``output``'s response mask and fill its counts, in place. Returns the per-token
+        advantage (float32, response length) in mode ``advantage``; in mode ``pool`` the targets
+        go into ``output``'s teacher fields and None is returned."""
+        check_single_turn(output.response_mask, output.num_turns)
+        messages = as_messages(kwargs["raw_prompt"])
+        teacher = self.teacher_for(kwargs)
+        section = self.settings.teachers.get(teacher.name, self.settings.teacher)
+        column = section.reference_column
+        reference = (kwargs.get("extra_info") or {}).get(column) if column else None
+        req = bridge_request(self.student, teacher, messages, output.response_ids, reference)
+        if req.overflow or req.stop_end <= req.response_start:
+            t_lp = None
+        elif self.pool is not None:
+            _, shifted = await self.pool.compute_teacher_logprobs_single(
+                sequence_ids=req.teacher_ids)
+            t_lp = teacher_span(req, shifted)
+        else:  # crossopd's own teacher blocks on HTTP or a forward pass: off the event loop
+            (t_lp,) = await asyncio.to_thread(score_requests, teacher, [req])
+        t = verl_targets(self.student, teacher, req, output.prompt_ids,
+                         output.response_ids, output.response_logprobs or [], t_lp,
+                         rule=self.settings.credit_rule,
+                         special_penalty=self.settings.special_token_penalty())
+        output.response_mask = t.response_mask
+        output.extra_fields[STATS_FIELD] = {"teacher": teacher.name, **t.stats.totals}
+        if self.settings.record_dir:
+            record(self.settings.record_dir, kwargs, messages, output, t_lp, t)
+        if self.signal == "pool":
+            output.extra_fields["teacher_ids"] = t.teacher_ids
+            output.extra_fields["teacher_logprobs"] = t.teacher_logprobs
+            return None
+        q = torch.from_numpy(t.credit.targets)
+        old = torch.as_tensor(output.response_logprobs, dtype=torch.float64)
+        signal = ~torch.isnan(q)
+        adv = torch.where(signal, q - old, torch.zeros_like(old))
+        return adv.clamp(-self.settings.adv_clamp, self.settings.adv_clamp).float()
+
+
+def record(directory: str, kwargs: dict, messages: list, output: Any, teacher_logps: Any,
+           t: Any) -> None:
+    """One training sample as a JSON line, written whole (a line per sample, one file per
+    worker process)."""
+    row = {"global_steps": int(kwargs.get("global_steps", 0)), "messages": messages,
+           "prompt_ids": list(map(int, output.prompt_ids)),
+           "response_ids": list(map(int, output.response_ids)),
+           "rollout_logprobs": [float(x) for x in output.response_logprobs or []],
+           "teacher_logprobs": None if teacher_logps is None else
+           [float(x) for x in np.asarray(teacher_logps)],
+           "targets": [None if np.isnan(x) else float(x) for x in t.credit.targets],
+           "response_mask": list(t.response_mask), "stats": t.stats.totals}
+    path = Path(directory) / f"samples-{os.getpid()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def student_side(tokenizer: Any) -> StudentSide:
+    """The student as the teacher step sees it: its tokenizer's format and byte view (verl
+    owns the model)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    return StudentSide(model=None, tokenizer=tokenizer, fmt=ChatFormat.from_tokenizer(tokenizer),
+                       vocab=ByteVocab.from_pretrained(tokenizer), pad_id=int(pad or 0))
+
+
+def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
+    """The worker's teacher step from a verl config and the student's tokenizer."""
+    from crossopd.build import build_teacher, check_teacher, resolve_device
+
+    settings = settings_from(config)
+    t_cfg = settings.teacher
+    student = student_side(tokenizer)
+    own = settings.teachers or ({DEFAULT_TEACHER: t_cfg} if settings.own_teacher else {})
+    if own:
+        tokenizers = {name: check_teacher(t) for name, t in own.items()}  # all before models
+        teachers = {name: build_teacher(t, tokenizers[name], name=name,
+                                        device=resolve_device("auto"),
+                                        max_batch_tokens=settings.max_batch_tokens)
+                    for name, t in own.items()}
+        return TeacherStep(student, teachers, settings)
+    from crossopd.hub import load_hf_tokenizer
+
+    spec = pool_teacher(config)
+    inference = spec.get("inference") or {}
+    limit = inference.get("max_model_len")
+    t_tok = load_hf_tokenizer(t_cfg.tokenizer or spec.get("model_path"))
+    fmt = ChatFormat.from_tokenizer(t_tok, plain_template=t_cfg.plain_template, stop=t_cfg.stop,
+                                    max_length=limit - 1 if limit else None)
+    teacher = TeacherSide.from_tokenizer(None, t_tok, fmt=fmt)  # type: ignore[arg-type]
+    rollout = config.actor_rollout_ref.rollout
+    pool_context_check(teacher, student, limit, rollout.prompt_length, rollout.response_length)
+    return TeacherStep(student, {DEFAULT_TEACHER: teacher}, settings, pool=pool)
+
+
+def opd_metrics(stats: Any) -> dict[str, float]:
+    """``opd/<name>`` for a batch: the per-sample counts summed, then the ratios; with several
+    teachers also ``opd/teachers/<teacher>/<name>``."""
+    rows = [s for s in (stats if stats is not None else []) if s]
+    total, team = StepStats(), {}
+    for row in rows:
+        counts = {k: v for k, v in row.items() if k != "teacher"}
+        total.merge(StepStats(counts))
+        team.setdefault(row.get("teacher"), StepStats()).merge(StepStats(counts))
+    out = {f"opd/{k}": float(v) for k, v in total.result().items()} if rows else {}
+    if len(team) > 1:
+        for name, st in team.items():
+            out.update({f"opd/teachers/{name}/{k}": float(v) for k, v in st.result().items()
+                        if k in TEACHER_STATS})
+    return out
