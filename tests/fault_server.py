@@ -2,9 +2,10 @@
 
 Usage: python fault_server.py MODE PORT, MODE one of: http500, malformed, slow, short, ok,
 retry_after (HTTP 429 with Retry-After: 1 to the first request, then ok), http400, http503
-(always 503, Retry-After: 0), echo_auth (HTTP 400 quoting the Authorization header). 'ok'
-answers a well-formed prompt_logprobs response with logprob -1.0 for every token. GET /count
-answers how many POSTs arrived.
+(always 503, Retry-After: 0), ok_first:N (ok to the first N requests, then always 503), echo_auth
+(HTTP 400 quoting the Authorization header). 'ok' answers a well-formed prompt_logprobs response
+with logprob -1.0 for every token. GET /v1/models lists one model; GET /count answers how
+many POSTs arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path.startswith("/v1/models"):  # what a startup probe asks
+            return self._send(200, json.dumps({"data": [{"id": "fault"}]}).encode())
         self._send(200, json.dumps({"posts": POSTS}).encode())
 
     def do_POST(self):
@@ -32,7 +35,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with COUNT_LOCK:
             POSTS += 1
-            first = POSTS == 1
+            first, count = POSTS == 1, POSTS
         ids = body["prompt"]
         if MODE == "http500":
             return self._send(500, b'{"error": "boom"}')
@@ -40,7 +43,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(400, b'{"error": "bad request"}')
         if MODE == "echo_auth":  # a careless server that quotes request headers in errors
             return self._send(400, json.dumps({"error": self.headers["Authorization"]}).encode())
-        if MODE == "http503":
+        if MODE == "http503" or (MODE.startswith("ok_first:") and count > int(MODE[9:])):
             return self._send(503, b'{"error": "busy"}', {"Retry-After": "0"})
         if MODE == "retry_after" and first:
             return self._send(429, b'{"error": "queue full"}', {"Retry-After": "1"})

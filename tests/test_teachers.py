@@ -193,6 +193,18 @@ def test_http_faults_end_in_clear_error(fault_server, mode, message, attempts):
     assert time.time() - t0 < 10
 
 
+def test_a_server_up_but_refusing_every_request_runs_out_the_patience(fault_server):
+    """503 to every request while /v1/models answers: the teacher looks up to its probe, so the
+    patience once never ran out and the run retried forever. It is bounded like a server that
+    is down."""
+    url, _ = fault_server("http503")
+    client = HTTPTeacher(url, timeout=1, retries=1, backoff=0.05, patience_s=2)
+    t0 = time.time()
+    with pytest.raises(TeacherError, match="stayed unavailable for 2 s \\(teacher.patience_s\\)"):
+        client.score([[1, 2, 3]], [(1, 3)])
+    assert time.time() - t0 < 30
+
+
 def test_connection_refused(fault_server):
     client = HTTPTeacher(f"http://127.0.0.1:{free_port()}", timeout=1, retries=2, backoff=0.05)
     with pytest.raises(TeacherError, match="after 3 attempts.*(refused|URLError)"):

@@ -191,6 +191,144 @@ def test_trl_engine_against_a_real_http_teacher(tiny, tmp_path):
         server.wait(timeout=30)
 
 
+def _tiny_run(tiny: dict, out: Path, **extra) -> Path:
+    cfg = {"engine": "trl", "student": {"model": tiny["student"]},
+           "teacher": {"model": tiny["teacher"], **PLAIN}, "data": {"path": "bundled:arith"},
+           "rollout": {"max_new_tokens": 8, "samples_per_prompt": 2}, "steps": 2,
+           "batch_size": 2, "eval_prompts": 2, "device": "cpu", "output_dir": str(out / "run"),
+           "optim": {"lr": 1e-2}, **extra}
+    path = out / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+SHARDED_CPU = Path(__file__).parents[1] / "examples" / "accelerate_sharded_cpu.yaml"
+
+
+def test_sharded_two_process_run_saves_the_whole_trained_student(tiny, tmp_path):
+    """`accelerate launch --config_file examples/accelerate_sharded_cpu.yaml` (DeepSpeed ZeRO-3)
+    on 2 CPU processes, 2 steps, held-out evaluation on the sharded weights: it exits 0, and
+    final/ loads with AutoModelForCausalLM holding the trained weights, the same as those
+    DeepSpeed's zero_to_fp32 rebuilds offline from the last checkpoint's optimizer partitions.
+    (As first shipped, final/ held empty tensors: rank 0 saved its own partition.)"""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_run(tiny, tmp_path, checkpoint_every=2)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(SHARDED_CPU), "--num_processes", "2", "-m", "crossopd", "train", str(path),
+              "--no-progress"]
+    r = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, _errors(r)
+    assert "terminate called" not in r.stderr
+    out = tmp_path / "run"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["world_size"] for row in rows] == [2, 2]
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    saved = dict(final.state_dict())
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-2"))
+    start = load_file(str(Path(tiny["student"]) / "model.safetensors"))
+    assert set(start) <= set(reference)
+    moved = 0.0
+    for name, initial in start.items():
+        assert saved[name].shape == initial.shape, name
+        torch.testing.assert_close(saved[name], reference[name].to(saved[name].dtype),
+                                   rtol=0, atol=1e-6, msg=name)
+        moved = max(moved, float((saved[name] - initial).abs().max()))
+    assert moved > 1e-3  # trained weights, not the initial ones
+
+
+def test_an_fsdp_launch_accelerate_runs_unsharded_is_said():
+    """accelerate shards with FSDP only on accelerators; on the CPU it silently runs plain data
+    parallel (measured: DistributedType.MULTI_CPU under an FSDP config): the run says so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from crossopd.engines.trl import fsdp_fallback_note
+
+    cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    note = fsdp_fallback_note(cpu, {"ACCELERATE_USE_FSDP": "true"})
+    assert note and "runs FSDP only on accelerators: this run is MULTI_CPU" in note
+    assert fsdp_fallback_note(cpu, {}) is None
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    assert fsdp_fallback_note(fsdp, {"ACCELERATE_USE_FSDP": "true"}) is None
+
+
+def test_zero3_without_gathering_on_save_is_refused_before_training(tiny, tmp_path):
+    """ZeRO-3 whose config does not gather the weights on save would write a final/ of empty
+    tensors after the whole run: refused at start, in one line."""
+    path = _tiny_run(tiny, tmp_path)
+    config = yaml.safe_load(SHARDED_CPU.read_text())
+    config["deepspeed_config"]["zero3_save_16bit_model"] = False
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(tmp_path / "zero3.yaml"), "-m", "crossopd", "train", str(path),
+                        "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "set zero3_save_16bit_model: true" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_one_processs_teacher_failure_stops_every_process_with_the_checkpoint(tiny, tmp_path):
+    """Two teachers, one per prompt, 2 processes each scoring one prompt (2 samples): when one
+    process's teacher gives up (HTTP 503 past its patience) at step 2, both processes stop within
+    seconds, save checkpoint-1 together and point at --resume. As first shipped, the other
+    process waited in a collective until gloo's timeout (30 min)."""
+    import shutil
+
+    from conftest import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fault_server.py"),
+                               "ok_first:2", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        data = tmp_path / "two.jsonl"
+        data.write_text("".join(json.dumps(
+            {"messages": [{"role": "user", "content": f"What is {k} + {k}?"}],
+             "teacher": name}) + "\n" for k, name in ((2, "inproc"), (3, "flaky"))))
+        path = _tiny_run(tiny, tmp_path, steps=3, eval_prompts=0, checkpoint_every=1,
+                         data={"path": str(data), "default_teacher": "inproc",
+                               "heldout_path": "bundled:arith"},
+                         teachers={"inproc": {"model": tiny["teacher"], **PLAIN},
+                                   "flaky": {"urls": [f"http://127.0.0.1:{port}/v1"],
+                                             "tokenizer": tiny["teacher"], "patience_s": 2,
+                                             **PLAIN}})
+        cfg = yaml.safe_load(path.read_text())
+        del cfg["teacher"]
+        path.write_text(yaml.safe_dump(cfg))
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                            "2", "-m", "crossopd", "train", str(path), "--no-progress"],
+                           env=ENV, capture_output=True, text=True, timeout=600)
+        seconds = time.time() - t0
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert r.returncode != 0 and seconds < 300, (seconds, _errors(r))
+    assert "run the same command with --resume" in r.stderr, _errors(r)
+    assert (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").exists()
+    assert "terminate called" not in r.stderr
+
+
+def test_tool_output_is_refused_never_scored():
+    """TRL's tools put tool results inside a completion (tool_mask 0 there): crossopd would
+    score them as the student's text, so they are refused, in one line."""
+    from crossopd.integrations.trl import OPDConfig, OPDTrainer, check_no_tool_output
+
+    mask = torch.ones(2, 4, dtype=torch.long)
+    check_no_tool_output({"completion_mask": mask, "tool_mask": torch.ones(2, 4)})
+    tool = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="a completion holds tool output"):
+        check_no_tool_output({"completion_mask": mask, "tool_mask": tool})
+    with pytest.raises(ValueError, match="tools / environment_factory are not supported yet"):
+        OPDTrainer(model="x", teacher="y", args=OPDConfig(output_dir="unused", use_cpu=True,
+                                                          report_to="none"),
+                   tools=[len])
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["rollout.backend=vllm"], "rollout.backend: vllm needs engine: trl"),
     (["student.lora={r: 8}"], "student.lora needs engine: trl"),

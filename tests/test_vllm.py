@@ -89,15 +89,61 @@ def test_two_step_training_run_scored_by_vllm(vllm_teacher, tiny, tmp_path):
     assert all(row["coverage"] == 1.0 and row["one_to_one_share"] == 1.0 for row in rows)
 
 
+# `crossopd train` as the CLI runs it, with a hook that keeps every generation batch's raw
+# completion ids (before TRL's mask cuts them at the first end-of-turn)
+CAPTURE = """
+import json, sys
+import crossopd.integrations.trl as T
+score, out = T.OPDTrainer.score_batch, sys.argv.pop(1)
+def capture(self, o, inputs, rollout_s):
+    with open(out, "a") as f:
+        f.write(json.dumps({"ids": o["completion_ids"].tolist(),
+                            "pad": self.processing_class.pad_token_id,
+                            "stop": sorted(self.student.fmt.stop_ids)}) + "\\n")
+    return score(self, o, inputs, rollout_s)
+T.OPDTrainer.score_batch = capture
+from crossopd.cli import main
+sys.exit(main())
+"""
+
+
+def student_with_another_eos(tmp_path: Path) -> Path:
+    """SmolLM2-135M-Instruct whose files name <|endoftext|> as its EOS while its chat template
+    ends a turn with <|im_end|>."""
+    import shutil
+
+    smol = gguf_model_dir(bundled.smollm2_gguf())
+    student = tmp_path / "student"
+    student.mkdir()
+    for f in smol.iterdir():
+        if f.suffix == ".safetensors":
+            (student / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, student / f.name)
+    for name in ("config.json", "generation_config.json"):
+        spec = json.loads((student / name).read_text())
+        spec["eos_token_id"] = 0  # <|endoftext|>
+        (student / name).write_text(json.dumps(spec))
+    spec = json.loads((student / "tokenizer_config.json").read_text())
+    spec["eos_token"] = "<|endoftext|>"
+    (student / "tokenizer_config.json").write_text(json.dumps(spec))
+    return student
+
+
 def test_trl_engine_with_vllm_colocate_rollouts(tiny, tmp_path):
     """Two TRL-engine steps whose rollouts come from vLLM in the trainer's process (colocate),
-    run in the vLLM environment. The trained weights reach vLLM before each generation: after a
-    large first update the sampling engine still matches the trainer (importance ratio ~1)."""
+    run in the vLLM environment with `crossopd train`.
+    - The trained weights reach vLLM before each generation: after a large first update the
+      sampling engine still matches the trainer (importance ratio ~1).
+    - The student's end-of-turn (<|im_end|>) is not the EOS its files name (<|endoftext|>), and
+      vLLM stops where crossopd's rollouts stop: the end-of-turn goes into vLLM's sampling
+      parameters. (As first shipped only the in-memory generation config changed, and vLLM went
+      on past <|im_end|> to the length limit.)"""
     out = tmp_path / "run"
-    cfg = {"engine": "trl", "student": {"model": "smollm2"},
+    cfg = {"engine": "trl", "student": {"model": str(student_with_another_eos(tmp_path))},
            "teacher": {"model": tiny["teacher"], **PLAIN}, "data": {"path": "bundled:arith"},
            "rollout": {"backend": "vllm", "vllm_mode": "colocate", "samples_per_prompt": 2,
-                       "max_new_tokens": 8},
+                       "max_new_tokens": 48},
            "steps": 2, "batch_size": 2, "eval_prompts": 0, "device": "cpu",
            "optim": {"lr": 1e-3}, "output_dir": str(out),
            "trl": {"vllm_max_model_length": 512, "vllm_enable_sleep_mode": False}}
@@ -105,14 +151,25 @@ def test_trl_engine_with_vllm_colocate_rollouts(tiny, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
-    r = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-m", "crossopd", "train", str(path),
-                        "--no-progress"], capture_output=True, text=True, timeout=900, env=env)
+    batches = tmp_path / "batches.jsonl"
+    r = subprocess.run([str(VLLM_VENV / "bin" / "python"), "-c", CAPTURE, str(batches), "train",
+                        str(path), "--no-progress"], capture_output=True, text=True,
+                       timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
     for row in rows:
         assert 0.7 < row["sampling/importance_sampling_ratio/mean"] < 1.4, row
+    end_of_turn, ended = 2, 0  # <|im_end|>
+    for batch in map(json.loads, batches.read_text().splitlines()):
+        assert end_of_turn in batch["stop"]
+        for ids in batch["ids"]:
+            if end_of_turn in ids:
+                ended += 1
+                after = ids[ids.index(end_of_turn) + 1:]
+                assert all(t == batch["pad"] for t in after), ids  # vLLM stopped there
+    assert ended > 0  # the check saw completions that reached their end of turn
 
 
 def test_context_limit_is_vllms_rule(vllm_teacher):

@@ -102,17 +102,31 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def save_final(out_dir: Path, model: Any, tokenizer: Any) -> Path:
+def save_final(out_dir: Path, model: Any, tokenizer: Any, state_dict: dict | None = None,
+               base: Any = None) -> Path:
     """``out_dir/final``: the trained student as a complete HF model directory (weights, config,
     generation config, tokenizer, chat template) for ``AutoModelForCausalLM``, ``AutoTokenizer``
     and ``vllm serve``; written atomically. A PEFT model is saved merged (it loads without
-    peft), its adapter in ``final/adapter``."""
+    peft), its adapter in ``final/adapter``.
+
+    ``state_dict``: the gathered weights when ``model`` holds only this process's shard
+    (ZeRO-3, FSDP); a sharded PEFT model's adapter is then merged into ``base`` (the student's
+    source) loaded afresh."""
     def write(tmp: Path) -> None:
-        merged = model
         if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(str(tmp / "adapter"))
-            merged = model.merge_and_unload()
-        merged.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp / "adapter"), state_dict=state_dict)
+            if state_dict is None:
+                merged = model.merge_and_unload()
+            else:
+                from peft import PeftModel
+
+                from crossopd.hub import load_hf_model
+
+                merged = PeftModel.from_pretrained(load_hf_model(base),
+                                                   str(tmp / "adapter")).merge_and_unload()
+            merged.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
 
     target = Path(out_dir) / "final"

@@ -76,7 +76,8 @@ class Engine(Protocol):
         """The trained student as a plain model (unwrapped from any distributed wrapper)."""
 
     def save_final(self, path: Path) -> None:
-        """A complete Hugging Face model directory at ``path``."""
+        """A complete Hugging Face model directory at ``path``. Called in every process (a
+        sharded engine gathers the weights from all of them); the main process writes."""
 
 
 def engine_for(name: str) -> Engine:
@@ -190,17 +191,33 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     try:
         engine.train(run, start, after_step)
     except TeacherError as e:
+        # every process gets here together (the engines share a teacher failure before their
+        # next collective), so the checkpoint is written by all of them
         step, path = engine.save_progress()
+        release_processes()
         raise TeacherError(f"{e} -- stopped; steps 1..{step} are saved in {path}: when the "
                            "teacher is back, run the same command with --resume") from e
     final_eval = run_eval(cfg.steps) if cfg.eval_prompts and start < cfg.steps else None
+    engine.save_final(out_dir / "final")  # every process: a sharded engine gathers first
     report = None
     if main:
-        engine.save_final(out_dir / "final")
         from crossopd.report import write_report
 
         report = write_report(out_dir)
+    release_processes()
     return run_result(cfg, engine_name=cfg.engine, final_eval=final_eval, report=report)
+
+
+def release_processes() -> None:
+    """End this process's part of a multi-process run: its process group is destroyed while
+    every thread of it can still be joined. Left to the interpreter's exit, gloo's threads are
+    torn down mid-flight now and then, and the process aborts ("terminate called without an
+    active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_result(cfg: TrainConfig, *, engine_name: str, final_eval: dict | None,

@@ -38,13 +38,20 @@ def head_transform(model: Any) -> tuple[float, float | None]:
     return scale, getattr(cfg, "final_logit_softcapping", None)
 
 
+def head_size(head: Any) -> int:
+    """The output layer's vocabulary size. The layer's own size, not its weight's: under ZeRO-3
+    a weight outside its layer's forward is an empty shard (the layer's hooks gather it when it
+    runs)."""
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 def head_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor,
                   logits_budget_bytes: int, grad: bool = False,
                   temperature: float = 1.0) -> torch.Tensor:
     """log softmax(head(hidden) / temperature)[target] for each row of ``hidden`` ([n, d]), in
     blocks."""
     head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
+    vocab = head_size(head)
     scale, softcap = head_transform(model)
     rows = max(1, logits_budget_bytes // (4 * vocab))
     parts = []
@@ -122,7 +129,7 @@ def check_head(model: Any, tolerance: float = 1e-3) -> None:
     """Score a short probe through the decoder + head path and through the model's own forward;
     refuse the model when they differ (an output transformation ``head_transform`` does not
     know would make every log-prob silently wrong)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = head_size(model.get_output_embeddings())
     probe = [(7 * k + 3) % vocab for k in range(8)]
     (ours,) = score_sequences(model, [probe], [(1, len(probe))])
     device = next(model.parameters()).device

@@ -104,4 +104,5 @@ class NativeEngine:
         return self.run.student.model
 
     def save_final(self, path: Path) -> None:
-        ckpt.save_final(path.parent, self.run.student.model, self.run.student.tokenizer)
+        if self.run.main:
+            ckpt.save_final(path.parent, self.run.student.model, self.run.student.tokenizer)

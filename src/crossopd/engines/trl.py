@@ -26,6 +26,7 @@ from crossopd.integrations.trl import OPDConfig, OPDTrainer, as_dataset
 from crossopd.integrations.trl_private import save_checkpoint
 from crossopd.lifecycle import AfterStep, Run
 from crossopd.stats import TIMING_PREFIX
+from crossopd.teachers import status_line
 
 
 def opd_args(cfg: TrainConfig, world_size: int) -> OPDConfig:
@@ -160,6 +161,10 @@ class TRLEngine:
                                   peft_config=lora_config(cfg), teachers=run.teachers,
                                   teacher_mix=cfg.teacher_mix or None,
                                   student_format=run.student.fmt)
+        check_zero3_gather(self.trainer.accelerator)
+        note = fsdp_fallback_note(self.trainer.accelerator)
+        if note and run.main:
+            status_line(note)
         return self.global_step(self.resume_from) // self.epochs
 
     @staticmethod
@@ -174,6 +179,13 @@ class TRLEngine:
         self.trainer.add_callback(RunCallback(self.trainer, after_step, self.epochs))
         self.trainer.train(resume_from_checkpoint=str(self.resume_from)
                            if self.resume_from else None)
+        done, wanted = self.trainer.state.global_step, self.trainer.args.max_steps
+        if done < wanted:  # transformers stops quietly when its data loader yields nothing
+            raise RuntimeError(
+                f"TRL stopped after {done // self.epochs} of {run.cfg.steps} steps: its data "
+                f"loader ran dry ({len(run.examples)} training prompts for batches of "
+                f"{run.cfg.batch_size} prompts over the processes); add prompts or lower "
+                "batch_size")
 
     def save_progress(self) -> tuple[int, Path]:
         state = self.trainer.state
@@ -188,7 +200,58 @@ class TRLEngine:
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def save_final(self, path: Path) -> None:
-        ckpt.save_final(path.parent, self.student_model(), self.run.student.tokenizer)
+        """Every process: under DeepSpeed ZeRO-3 or FSDP each holds a shard of the weights, so
+        all of them gather the full state dict (accelerate's ``get_state_dict``) and the main
+        process writes it."""
+        acc = self.trainer.accelerator
+        # the wrapped model: DeepSpeed's engine gathers its partitions, FSDP's module its shards
+        wrapped = getattr(self.trainer, "model_wrapped", None) or self.trainer.model
+        state = acc.get_state_dict(wrapped) if sharded(acc) else None
+        if self.run.main:
+            ckpt.save_final(path.parent, self.student_model(), self.run.student.tokenizer,
+                            state_dict=state, base=self.run.cfg.student.model)
+        acc.wait_for_everyone()
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether each process holds only a shard of the weights (ZeRO-3, FSDP)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def fsdp_fallback_note(accelerator: Any, env: dict | None = None) -> str | None:
+    """The warning for an FSDP launch that accelerate runs without FSDP: accelerate shards with
+    FSDP only on accelerators, and on the CPU it runs plain data parallel, silently."""
+    from accelerate.utils import DistributedType
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or \
+            accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return (f"warning: the accelerate config asks for FSDP, but accelerate runs FSDP only on "
+            f"accelerators: this run is {accelerator.distributed_type.value} (each process holds "
+            "the whole student). A sharded run on the CPU: DeepSpeed ZeRO-3, "
+            "examples/accelerate_sharded_cpu.yaml")
+
+
+def check_zero3_gather(accelerator: Any) -> None:
+    """ZeRO-3 can write ``final/`` only when its config gathers the weights on save: refused
+    before training, not after."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or not sharded(accelerator):
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 keeps a shard of the weights in each process: set "
+            "zero3_save_16bit_model: true in the accelerate config (DeepSpeed's "
+            "stage3_gather_16bit_weights_on_model_save) so final/ holds the whole trained model")
 
 
 def keep_vllm_cpu_weights() -> None:

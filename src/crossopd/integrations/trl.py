@@ -27,6 +27,7 @@ from crossopd.opd import advantage_stats, score_rollouts
 from crossopd.prompts import Example
 from crossopd.sides import StudentSide, TeacherSide, one_teacher
 from crossopd.stats import TEACHER_STATS, StepStats, add_timings, timed
+from crossopd.teachers import TeacherError
 from crossopd.tokens import ByteVocab
 
 try:
@@ -165,6 +166,11 @@ class OPDTrainer(GRPOHooks):
         if (teacher is None) == (teachers is None):
             raise ValueError("give exactly one of teacher= (a model, path or URLs) and "
                              "teachers= (built teacher sides)")
+        if kwargs.get("tools") or kwargs.get("environment_factory"):
+            raise ValueError(
+                "OPDTrainer: tools / environment_factory are not supported yet: crossopd would "
+                "score the tool output as if the student had written it. Train on single-turn "
+                "completions")
         device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
         if isinstance(model, str):
             processing_class = processing_class or load_hf_tokenizer(model)
@@ -176,8 +182,15 @@ class OPDTrainer(GRPOHooks):
             else []
         side = StudentSide.from_model(model, processing_class, fmt=student_format, vocab=vocab,
                                       stop_ids=special)
-        # TRL stops sampling at the generation config's EOS ids: the template's end-of-turn
+        # TRL stops HF sampling at the generation config's EOS ids: the template's end-of-turn;
+        # vLLM stops at the EOS of the model on disk, so the same ids go into its sampling
+        # parameters (a student whose end-of-turn is not its EOS would run to the length limit)
         model.generation_config.eos_token_id = sorted(side.fmt.stop_ids)
+        if args.use_vllm:
+            wanted = dict(args.generation_kwargs or {})
+            wanted["stop_token_ids"] = sorted(set(wanted.get("stop_token_ids") or [])
+                                              | set(side.fmt.stop_ids))
+            args.generation_kwargs = wanted
         kwargs.setdefault("reward_funcs", no_reward)
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, **kwargs)
@@ -191,6 +204,7 @@ class OPDTrainer(GRPOHooks):
     def score_batch(self, out: dict, inputs: list[dict], rollout_s: float) -> dict:
         times: dict[str, float] = {"rollout": rollout_s}
         c_ids, c_mask = out["completion_ids"], out["completion_mask"]
+        check_no_tool_output(out)
         old = out.get("old_per_token_logps")
         with timed(times, "student_logps"):
             if old is None:  # TRL skips them when on-policy; credit needs the rollout log-probs
@@ -199,12 +213,25 @@ class OPDTrainer(GRPOHooks):
         responses = [row[:n].cpu().numpy() for row, n in zip(c_ids, lengths)]
         prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
         old_list = [row[:n].detach().double().cpu() for row, n in zip(old, lengths)]
-        scored = score_rollouts(self.student, self.teachers, examples_of(inputs), prompts,
-                                responses, credit_rule=self.args.credit_rule,
-                                max_batch_tokens=self.args.opd_max_batch_tokens,
-                                old_logps=old_list,
-                                special_penalty=self.args.special_token_penalty(),
-                                adv_clamp=self.args.adv_clamp, mix=self.teacher_mix)
+        failure: TeacherError | None = None
+        try:
+            scored = score_rollouts(self.student, self.teachers, examples_of(inputs), prompts,
+                                    responses, credit_rule=self.args.credit_rule,
+                                    max_batch_tokens=self.args.opd_max_batch_tokens,
+                                    old_logps=old_list,
+                                    special_penalty=self.args.special_token_penalty(),
+                                    adv_clamp=self.args.adv_clamp, mix=self.teacher_mix)
+        except TeacherError as e:
+            failure = e
+        # every process learns whether any teacher gave up, before the next collective: they
+        # stop together (and save the patience checkpoint together) instead of one of them
+        # waiting in a collective the failed process never joins
+        failed = self.accelerator.gather(torch.tensor([int(failure is not None)],
+                                                      device=self.accelerator.device))
+        if bool(failed.any()):
+            raise failure or TeacherError(
+                f"the teacher of process {int(failed.argmax())} failed (its error is in that "
+                "process's log)")
         adv = torch.zeros(c_ids.shape, dtype=torch.float32, device=c_ids.device)
         signal = torch.zeros(c_ids.shape, dtype=c_mask.dtype, device=c_ids.device)
         for i, (a, v) in enumerate(zip(scored.advantages, scored.signal)):
@@ -239,6 +266,18 @@ class OPDTrainer(GRPOHooks):
         return dict(zip(keys, self.accelerator.gather(local).sum(0).tolist()))
 
 
+def check_no_tool_output(out: dict) -> None:
+    """A completion with tool output in it (TRL's ``tool_mask`` 0 inside the completion) is
+    refused: crossopd scores only what the student wrote, and multi-turn trajectories are not
+    supported yet."""
+    mask = out.get("tool_mask")
+    if mask is not None and bool(((mask == 0) & out["completion_mask"].bool()).any()):
+        raise ValueError("crossopd: a completion holds tool output (TRL's tool_mask), which "
+                         "the teacher would score as the student's own text: train on "
+                         "single-turn completions (tool-calling trajectories are not supported "
+                         "yet)")
+
+
 def examples_of(rows: Sequence[dict]) -> list[Example]:
     return [Example(messages=list(r["prompt"]), answer=r.get("answer"),
                     reference=r.get("reference"), teacher=r.get("teacher")) for r in rows]
@@ -253,4 +292,5 @@ def as_dataset(examples: Sequence[Example]) -> Any:
                               for e in examples])
 
 
-__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "no_reward"]
+__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "check_no_tool_output",
+           "no_reward"]

@@ -293,16 +293,21 @@ class HTTPTeacher:
         nothing is sent twice once the teacher is back."""
         check_spans(sequences, spans)
         done: dict[int, np.ndarray] = {}
-        since: float | None = None
+        since: float | None = None  # when the teacher last stopped making progress
         while True:
+            before = len(done)
             try:
                 self._score_into(done, sequences, spans)
                 return [done[i] for i in range(len(sequences))]
             except TeacherUnavailable as e:
                 if not (self.patience_s and e.transient):
                     raise
-                since = time.monotonic() if since is None else since
-                if not self._wait_for_teacher(since, str(e)):
+                if since is None or len(done) > before:
+                    since = time.monotonic()
+                # a server that answers its probe but refuses every request (503 over and
+                # over) is as unavailable as one that is down: the patience bounds both
+                if time.monotonic() - since >= self.patience_s or \
+                        not self._wait_for_teacher(since, str(e)):
                     raise TeacherUnavailable(
                         f"{e} -- the teacher stayed unavailable for {self.patience_s:.0f} s "
                         "(teacher.patience_s)", transient=True) from e
