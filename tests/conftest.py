@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
 from crossopd import ByteVocab
+
+from tiny_models import tiny_models
 
 settings.register_profile(
     "crossopd",
@@ -64,29 +64,6 @@ def wait_ready(proc: Any, url: str, deadline_s: float) -> None:
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
 
 
-def tiny_model(tok, out: Path, seed: int, layers: int = 2) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    from crossopd.hub import load_hf_tokenizer
-
-    smol = load_hf_tokenizer("smollm2")
-    gemma = load_hf_tokenizer("gemma3-270m")
-    return {
-        "student": str(tiny_model(smol, root / "student", 0)),
-        "teacher": str(tiny_model(gemma, root / "teacher", 1)),
-        "same_teacher": str(tiny_model(smol, root / "same_teacher", 2)),
-    }
+    return tiny_models(tmp_path_factory.mktemp("tiny"))

@@ -228,20 +228,22 @@ def test_shipped_launches_pass_verls_validate_config_and_crossopds_check(script)
 
 @pytest.mark.parametrize("mode", ["http", "pool", "builtin"])
 def test_the_smoke_runs_settings_pass_validate_config(mode, tmp_path):
-    """The scaled-down launches the smoke command runs are verl-valid too (and crossopd-valid)."""
+    """The scaled-down launches the smoke command runs, on the CPU and on a GPU, are verl-valid
+    too (and crossopd-valid)."""
     from crossopd.integrations.verl.launch import compose, validate
     from crossopd.integrations.verl.settings import check_launch
-    from crossopd.integrations.verl.smoke import EXAMPLES, PLAIN, SCRIPTS, overrides
+    from crossopd.integrations.verl.smoke import EXAMPLES, PLAIN, SCRIPTS, Launch, overrides
 
-    cmd = overrides(EXAMPLES / SCRIPTS[mode], mode, "/s", "/t", PLAIN,
-                    (tmp_path / "a.parquet", tmp_path / "b.parquet"), tmp_path, 2, 4, 24,
-                    "http://127.0.0.1:1/v1")
-    cfg = compose(cmd)
-    validate(cfg)
-    assert cfg.trainer.total_training_steps == 2 and cfg.actor_rollout_ref.rollout.name == "hf"
-    if mode != "builtin":
-        check_launch(cfg)
-        assert cfg.crossopd.teacher.plain_template == PLAIN["plain_template"]
+    for device, rollout in (("cpu", "hf"), ("cuda", "vllm")):
+        launch = Launch(mode, "/s", "/t", PLAIN, (tmp_path / "a.parquet", tmp_path / "b.parquet"),
+                        tmp_path, url="http://127.0.0.1:1/v1", device=device)
+        cfg = compose(overrides(EXAMPLES / SCRIPTS[mode], launch))
+        validate(cfg)
+        assert cfg.trainer.total_training_steps == 2 and cfg.trainer.device == device
+        assert cfg.actor_rollout_ref.rollout.name == rollout
+        if mode != "builtin":
+            check_launch(cfg)
+            assert cfg.crossopd.teacher.plain_template == PLAIN["plain_template"]
 
 
 def _launch(changes, drop=()):

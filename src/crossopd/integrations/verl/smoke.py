@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,64 +61,97 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def overrides(script: Path, mode: str, student: str, teacher: str, fmt: dict[str, str],
-              data: tuple[Path, Path], out: Path, steps: int, batch: int, max_new: int,
-              url: str | None) -> list[str]:
-    """The launch ``script`` of ``mode`` with the scaled-down changes."""
+@dataclass(frozen=True)
+class Launch:
+    """What the smoke run changes in a shipped launch."""
+
+    mode: str  # http | pool | builtin
+    student: str
+    teacher: str
+    fmt: dict[str, str]  # the teacher's plain format (a base model), else empty
+    data: tuple[Path, Path]
+    out: Path
+    steps: int = 2
+    batch: int = 4
+    max_new: int = 24
+    url: str | None = None  # crossopd's HTTP teacher (mode http)
+    served_name: str = "teacher"
+    device: str = "cpu"
+
+
+# on the CPU: crossopd's platform and rollout, FSDP2 (torch's FSDP1 needs an accelerator for its
+# device handle), float32 compute and no torch.compile (bf16 matmuls and inductor compiles are
+# slow on a CPU; the objective is unchanged), eager attention (no flash-attn), and one Ray "GPU"
+# slot for each pool
+CPU: dict[str, Any] = {
+    "+actor_rollout_ref.model.override_config.attn_implementation": "eager",
+    "actor_rollout_ref.actor.strategy": "fsdp2",
+    "actor_rollout_ref.actor.fsdp_config.model_dtype": "fp32",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision":
+        "{param_dtype: fp32, reduce_dtype: fp32, buffer_dtype: fp32}",
+    "actor_rollout_ref.actor.use_torch_compile": False,
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,
+    "actor_rollout_ref.rollout.name": "hf",
+    "distillation.teacher_models.teacher_model.inference.name": "hf",
+    "trainer.device": "cpu",
+    "ray_kwargs.ray_init.num_cpus": 16,
+    "+ray_kwargs.ray_init.num_gpus": 2,
+}
+# on a GPU: the launch's own vLLM rollout and bf16; SDPA attention (flash-attn is not among
+# verl's requirements)
+GPU: dict[str, Any] = {
+    "+actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
+    "actor_rollout_ref.rollout.gpu_memory_utilization": 0.3,
+    "trainer.device": "cuda",
+}
+
+
+def overrides(script: Path, launch: Launch) -> list[str]:
+    """The launch ``script`` with the smoke run's changes, key by key."""
+    mode = launch.mode
     change: dict[str, Any] = {
-        "data.train_files": data[0], "data.val_files": data[1], "data.train_batch_size": batch,
-        "data.max_prompt_length": 64, "data.max_response_length": max_new,
-        "data.dataloader_num_workers": 0,
-        "actor_rollout_ref.model.path": student,
+        "data.train_files": launch.data[0], "data.val_files": launch.data[1],
+        "data.train_batch_size": launch.batch, "data.max_prompt_length": 64,
+        "data.max_response_length": launch.max_new, "data.dataloader_num_workers": 0,
+        "actor_rollout_ref.model.path": launch.student,
         "actor_rollout_ref.model.use_remove_padding": False,
-        "+actor_rollout_ref.model.override_config.attn_implementation": "eager",
         "actor_rollout_ref.actor.optim.lr": 1e-3,
         "actor_rollout_ref.actor.optim.lr_warmup_steps": -1,
-        "actor_rollout_ref.actor.ppo_mini_batch_size": batch,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": max(1, batch // 2),
+        "actor_rollout_ref.actor.ppo_mini_batch_size": launch.batch,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": max(1, launch.batch // 2),
         "actor_rollout_ref.actor.ulysses_sequence_parallel_size": 1,
-        # torch's FSDP1 needs an accelerator for its device handle; FSDP2 shards on the CPU
-        "actor_rollout_ref.actor.strategy": "fsdp2",
         "actor_rollout_ref.actor.fsdp_config.param_offload": False,
         "actor_rollout_ref.actor.fsdp_config.optimizer_offload": False,
-        "actor_rollout_ref.actor.fsdp_config.model_dtype": "fp32",
-        # float32 compute and no torch.compile: what a CPU runs well (bf16 matmuls and inductor
-        # compiles are slow here), the objective unchanged
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision": "{param_dtype: fp32, "
-                                                               "reduce_dtype: fp32, "
-                                                               "buffer_dtype: fp32}",
-        "actor_rollout_ref.actor.use_torch_compile": False,
-        "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,
-        "actor_rollout_ref.rollout.name": "hf",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": batch,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": launch.batch,
         "actor_rollout_ref.rollout.agent.num_workers": 1,
         "actor_rollout_ref.rollout.val_kwargs.n": 1,
         "actor_rollout_ref.rollout.val_kwargs.do_sample": False,
         "reward.num_workers": 1,
-        "trainer.device": "cpu", "trainer.nnodes": 1, "trainer.n_gpus_per_node": 1,
-        "trainer.total_training_steps": steps, "trainer.logger": ["console", "file"],
+        "trainer.nnodes": 1, "trainer.n_gpus_per_node": 1,
+        "trainer.total_training_steps": launch.steps, "trainer.logger": ["console", "file"],
         "trainer.val_before_train": False, "trainer.test_freq": -1, "trainer.save_freq": -1,
         "trainer.project_name": "crossopd_smoke", "trainer.experiment_name": mode,
-        "trainer.default_local_dir": out / "checkpoints",
+        "trainer.default_local_dir": launch.out / "checkpoints",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
-        "ray_kwargs.ray_init.num_cpus": 16,
-        "+ray_kwargs.ray_init.num_gpus": 2,
-        "+crossopd.record_dir": out / "samples",
+        "+crossopd.record_dir": launch.out / "samples",
     }
     if mode == "http":
-        change.update({"+crossopd.teacher.urls": [url], "+crossopd.teacher.served_name": "teacher",
-                       "+crossopd.teacher.tokenizer": teacher,
+        change.update({"+crossopd.teacher.urls": [launch.url],
+                       "+crossopd.teacher.served_name": launch.served_name,
+                       "+crossopd.teacher.tokenizer": launch.teacher,
                        "+crossopd.teacher.patience_s": 120})
     else:
         change.update({
             "distillation.nnodes": 1, "distillation.n_gpus_per_node": 1,
             "distillation.teacher_models.teacher_model.model_path":
-                student if mode == "builtin" else teacher,
-            "distillation.teacher_models.teacher_model.inference.name": "hf",
+                launch.student if mode == "builtin" else launch.teacher,
             "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size": 1,
             "distillation.teacher_models.teacher_model.inference.max_model_len": 512,
         })
+    device = CPU if launch.device == "cpu" else GPU
+    change.update({k: v for k, v in device.items()
+                   if mode != "http" or not k.startswith("distillation.")})
     base = script_overrides(script)
     if mode == "builtin":  # verl's own OPD: its agent loop and sampler, its k3 loss
         base = [o for o in base if not o.lstrip("+").startswith(
@@ -129,7 +163,7 @@ def overrides(script: Path, mode: str, student: str, teacher: str, fmt: dict[str
                        "distillation.distillation_loss.loss_max_clamp": 10.0,
                        "algorithm.adv_estimator": "grpo"})
     else:  # quoted: a plain template holds braces, spaces and newlines
-        change.update({f"+crossopd.teacher.{k}": f"'{v}'" for k, v in fmt.items()})
+        change.update({f"+crossopd.teacher.{k}": f"'{v}'" for k, v in launch.fmt.items()})
     return merge(base, change)
 
 
@@ -140,15 +174,27 @@ def serve_teacher(teacher: str, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def run_verl(args: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_verl(args: list[str], out: Path, timeout: float, device: str = "cpu") -> int:
+    """``python -m verl.trainer.main_ppo ARGS`` (with the CPU platform on ``cpu``); its output
+    goes to ``out/verl.log``, each line prefixed with the seconds since the launch."""
     from crossopd.integrations.verl.cpu_platform import ray_env
 
-    env = {**os.environ, **ray_env(), "VERL_FILE_LOGGER_PATH": str(out / "metrics.jsonl"),
+    platform = ray_env() if device == "cpu" else {}
+    env = {**os.environ, **platform, "VERL_FILE_LOGGER_PATH": str(out / "metrics.jsonl"),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0",
            "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "verl.trainer.main_ppo", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
+                            errors="replace")
     with (out / "verl.log").open("w") as log:
-        return subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", *args], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=out)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.write(f"{time.monotonic() - t0:7.1f} {line}")
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                log.write(f"crossopd smoke: stopped after {timeout:.0f} s (--timeout)\n")
+                break
+    return proc.wait()
 
 
 def teacher_format(teacher: str, args: argparse.Namespace) -> dict[str, str]:
@@ -180,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-stop", help="what ends the teacher's answer in that format")
     p.add_argument("--launch", help="the launch script to scale down (default: the shipped "
                    "one of the teacher mode, examples/verl/)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: crossopd's CPU platform and rollout; cuda: the launch's own vLLM "
+                        "rollout on one GPU (mode pool needs a second GPU for verl's teacher pool)")
+    p.add_argument("--teacher-url", help="mode http: an already running teacher server "
+                   "(vllm serve, crossopd serve-teacher) instead of the serve-teacher this "
+                   "command starts")
+    p.add_argument("--served-name", default="teacher",
+                   help="with --teacher-url: the model name it serves (default: teacher)")
     p.add_argument("--batch", type=int, default=4, help="prompts per step (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", default="runs/verl_smoke", help="run directory")
@@ -208,29 +262,38 @@ def main(argv: list[str] | None = None) -> int:
     write_data(rows[:2], data[1], source)
     student, teacher = model_source(args.student), model_source(args.teacher)
     fmt = teacher_format(teacher, args)
-    server, url = None, None
-    if args.teacher_mode == "http":
+    if args.device == "cuda" and args.teacher_mode != "http":
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            p.error("--device cuda --teacher-mode pool/builtin: verl's teacher pool takes a GPU "
+                    f"of its own beside the trainer's, and this machine has "
+                    f"{torch.cuda.device_count()}")
+    server, url = None, args.teacher_url
+    if args.teacher_mode == "http" and url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
         server = serve_teacher(teacher, port, out / "teacher.log")
+    launch = Launch(args.teacher_mode, student, teacher, fmt, data, out, args.steps, args.batch,
+                    args.max_new_tokens, url, args.served_name if args.teacher_url else "teacher",
+                    args.device)
     try:
-        cmd = overrides(script, args.teacher_mode, student, teacher, fmt, data, out, args.steps,
-                        args.batch, args.max_new_tokens, url)
+        cmd = overrides(script, launch)
         (out / "overrides.txt").write_text("\n".join(cmd) + "\n")
-        proc = run_verl(cmd, out, args.timeout)
+        returncode = run_verl(cmd, out, args.timeout, args.device)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-    result = summarise(out, args.teacher_mode, proc.returncode)
-    if proc.returncode == 0 and args.teacher_mode != "builtin":
+    result = summarise(out, args.teacher_mode, returncode)
+    if returncode == 0 and args.teacher_mode != "builtin":
         from crossopd.config import TeacherConfig
         from crossopd.integrations.verl.native import compare
 
         result["native"] = compare(out, student, TeacherConfig(model=teacher, **fmt),
                                    result["opd"])
     result["seconds"] = time.perf_counter() - t0
-    result["ok"] = proc.returncode == 0 and result["steps_done"] >= args.steps and (
+    result["ok"] = returncode == 0 and result["steps_done"] >= args.steps and (
         args.teacher_mode == "builtin" or result.get("native", {}).get("ok", False))
     if args.json:
         print(json.dumps(result))

@@ -28,11 +28,12 @@ from crossopd.integrations.verl.targets import (
     verl_targets,
 )
 from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide
-from crossopd.stats import TEACHER_STATS, StepStats
+from crossopd.stats import TEACHER_STATS, StepStats, timed
 from crossopd.teaching import score_requests
 from crossopd.tokens import ByteVocab
 
 STATS_FIELD = "crossopd_stats"
+TIME = "time/"  # a count of STATS_FIELD that is seconds of crossopd's work on the sample
 
 
 def pool_context_check(teacher: TeacherSide, student: StudentSide, max_model_len: int | None,
@@ -86,26 +87,31 @@ class TeacherStep:
         advantage (float32, response length) in mode ``advantage``; in mode ``pool`` the targets
         go into ``output``'s teacher fields and None is returned."""
         check_single_turn(output.response_mask, output.num_turns)
+        times: dict[str, float] = {}
         messages = as_messages(kwargs["raw_prompt"])
         teacher = self.teacher_for(kwargs)
         section = self.settings.teachers.get(teacher.name, self.settings.teacher)
         column = section.reference_column
         reference = (kwargs.get("extra_info") or {}).get(column) if column else None
-        req = bridge_request(self.student, teacher, messages, output.response_ids, reference)
-        if req.overflow or req.stop_end <= req.response_start:
-            t_lp = None
-        elif self.pool is not None:
-            _, shifted = await self.pool.compute_teacher_logprobs_single(
-                sequence_ids=req.teacher_ids)
-            t_lp = teacher_span(req, shifted)
-        else:  # crossopd's own teacher blocks on HTTP or a forward pass: off the event loop
-            (t_lp,) = await asyncio.to_thread(score_requests, teacher, [req])
-        t = verl_targets(self.student, teacher, req, output.prompt_ids,
-                         output.response_ids, output.response_logprobs or [], t_lp,
-                         rule=self.settings.credit_rule,
-                         special_penalty=self.settings.special_token_penalty())
+        with timed(times, "bridge"):
+            req = bridge_request(self.student, teacher, messages, output.response_ids, reference)
+        with timed(times, "teacher"):
+            if req.overflow or req.stop_end <= req.response_start:
+                t_lp = None
+            elif self.pool is not None:
+                _, shifted = await self.pool.compute_teacher_logprobs_single(
+                    sequence_ids=req.teacher_ids)
+                t_lp = teacher_span(req, shifted)
+            else:  # crossopd's own teacher blocks on HTTP or a forward pass: off the loop
+                (t_lp,) = await asyncio.to_thread(score_requests, teacher, [req])
+        with timed(times, "align_credit"):
+            t = verl_targets(self.student, teacher, req, output.prompt_ids,
+                             output.response_ids, output.response_logprobs or [], t_lp,
+                             rule=self.settings.credit_rule,
+                             special_penalty=self.settings.special_token_penalty())
         output.response_mask = t.response_mask
-        output.extra_fields[STATS_FIELD] = {"teacher": teacher.name, **t.stats.totals}
+        output.extra_fields[STATS_FIELD] = {"teacher": teacher.name, **t.stats.totals,
+                                            **{f"{TIME}{k}": v for k, v in times.items()}}
         if self.settings.record_dir:
             record(self.settings.record_dir, kwargs, messages, output, t_lp, t)
         if self.signal == "pool":
@@ -177,14 +183,19 @@ def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
 
 def opd_metrics(stats: Any) -> dict[str, float]:
     """``opd/<name>`` for a batch: the per-sample counts summed, then the ratios; with several
-    teachers also ``opd/teachers/<teacher>/<name>``."""
+    teachers also ``opd/teachers/<teacher>/<name>``; ``opd/time/<phase>_s``: the seconds of
+    each phase of crossopd's step, summed over the batch's samples (they overlap in time)."""
     rows = [s for s in (stats if stats is not None else []) if s]
-    total, team = StepStats(), {}
+    total, team, seconds = StepStats(), {}, {}
     for row in rows:
-        counts = {k: v for k, v in row.items() if k != "teacher"}
+        counts = {k: v for k, v in row.items() if k != "teacher" and not k.startswith(TIME)}
+        for k, v in row.items():
+            if k.startswith(TIME):
+                seconds[k] = seconds.get(k, 0.0) + v
         total.merge(StepStats(counts))
         team.setdefault(row.get("teacher"), StepStats()).merge(StepStats(counts))
     out = {f"opd/{k}": float(v) for k, v in total.result().items()} if rows else {}
+    out.update({f"opd/{k}_s": v for k, v in seconds.items()})
     if len(team) > 1:
         for name, st in team.items():
             out.update({f"opd/teachers/{name}/{k}": float(v) for k, v in st.result().items()
