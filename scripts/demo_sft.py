@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from crossopd.build import build_sides, load_splits
-from crossopd.config import load_config
-from crossopd.evals import heldout_summary
+from crossopd.evaluation.summary import heldout_summary
 from crossopd.files import read_jsonl
-from crossopd.hub import quiet_hf
-from crossopd.lifecycle import heldout_eval
-from crossopd.rollout.hf import sample
-from crossopd.scoring import score_sequences
+from crossopd.models.hub import quiet_hf
+from crossopd.models.sampling import sample
+from crossopd.models.scoring import score_sequences
+from crossopd.run.config import load_config
+from crossopd.run.lifecycle import heldout_eval
+from crossopd.run.load import build_sides, load_splits
 
 
 def teacher_answers(student, teacher, examples, cfg) -> list[list[int]]:

@@ -41,11 +41,11 @@ for py in $PY $VLLM_PY $VERL_PY; do
   $py -c "import sys, torch; print(sys.executable, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 done
 
-S_DIR=$($PY -c "from crossopd.hub import model_source; print(model_source('$STUDENT'))")
-T_DIR=$($PY -c "from crossopd.hub import model_source; print(model_source('$TEACHER'))")
+S_DIR=$($PY -c "from crossopd.models.hub import model_source; print(model_source('$STUDENT'))")
+T_DIR=$($PY -c "from crossopd.models.hub import model_source; print(model_source('$TEACHER'))")
 echo "student $S_DIR"; echo "teacher $T_DIR"
 plain=()
-if [ -z "$($PY -c "from crossopd.hub import load_hf_tokenizer as t; print(t('$T_DIR').chat_template or '')")" ]; then
+if [ -z "$($PY -c "from crossopd.models.hub import load_hf_tokenizer as t; print(t('$T_DIR').chat_template or '')")" ]; then
   plain=("teacher.plain_template=Question: {prompt}
 Answer:" "teacher.stop=
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from crossopd import align
-from crossopd.align import _chunks_diff, _chunks_equal_bytes, _offsets, align_lengths
+from crossopd.core.align import _chunks_diff, _chunks_equal_bytes, _offsets, align_lengths
 
 from reference import boundaries, brute_force_sync_offsets, check_alignment, chunk_spans
 from strategies import texts
@@ -168,7 +168,7 @@ def _both_paths(s_ids, t_ids, sv, tv):
 
 def test_native_extension_is_built():
     """`make install` compiles the C fast path; the numpy path stays as reference and fallback."""
-    from crossopd.align import native_available
+    from crossopd.core.align import native_available
 
     assert native_available()
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossopd.align import align
 from crossopd.bench.learn import ARMS, PRESETS, bench_learn, with_settings
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio, summarise
 from crossopd.bench.learn_task import (
@@ -20,7 +19,8 @@ from crossopd.bench.learn_task import (
     train_student_tokenizer,
     train_teacher_tokenizer,
 )
-from crossopd.tokens import ByteVocab
+from crossopd.core.align import align
+from crossopd.core.tokens import ByteVocab
 
 
 def test_problems_are_correct_and_splits_disjoint():
@@ -276,7 +276,7 @@ def test_a_subset_of_arms_reports_what_it_can(tmp_path):
 
 
 def test_overrides_are_refused_outside_bench_learn(capsys):
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     assert main(["bench", "learn", "--preset", "tiny", "nonsense=1"]) == 2
     assert "KEY one of" in capsys.readouterr().err

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossopd.benchmark_eval import summarise
-from crossopd.benchmarks import SHIPPED, bench_data, gpqa_options, load_benchmark
-from crossopd.cli import main
-from crossopd.graders import choice_letter, last_boxed, math_correct
+from crossopd.cli.main import main
+from crossopd.evaluation.benchmark_runs import summarise
+from crossopd.evaluation.benchmarks import SHIPPED, bench_data, gpqa_options, load_benchmark
+from crossopd.evaluation.graders import choice_letter, last_boxed, math_correct
 
 EXPECTED_N = {"gsm8k": 1319, "math500": 500, "aime25": 30, "gpqa_diamond": 198}
 
@@ -147,7 +147,7 @@ def test_bad_inputs_give_one_line_naming_what_exists(argv, names, tmp_path, caps
 
 
 def test_eval_benchmark_config_is_checked_before_models_load():
-    from crossopd.config import ConfigError, load_config
+    from crossopd.run.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="eval_benchmark: unknown benchmark 'gsm9k'.*gsm8k"):
         load_config(None, ["teacher.model=gemma3-270m", "eval_benchmark=gsm9k"])

@@ -7,15 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from crossopd.bridge import (
+from crossopd.core.tokens import ByteVocab
+from crossopd.models.hub import load_hf_tokenizer
+from crossopd.step.bridge import (
     ChatFormat,
     TeacherContext,
     TemplateError,
     align_bridged,
     build_teacher_request,
 )
-from crossopd.hub import load_hf_tokenizer
-from crossopd.tokens import ByteVocab
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
@@ -371,7 +371,7 @@ def test_think_repeated_after_own_opening_is_kept(get_vocab, gemma_r1):
 
 
 def test_response_overlap_definition():
-    from crossopd.bridge import response_overlap
+    from crossopd.step.bridge import response_overlap
 
     assert response_overlap(b"Answer: ", b" 25", b"Answer:") == 1
     assert response_overlap(b"model\n<think>\n", b"<think>\nx", b"assistant\n") == 8

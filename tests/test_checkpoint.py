@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from crossopd import checkpoint as ckpt
+from crossopd.run import checkpoint as ckpt
 
 
 def _state(seed: int, width: int = 16):

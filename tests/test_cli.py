@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from crossopd.bench import align as bench
-from crossopd.cli import main
+from crossopd.cli.main import main
 
 
 def test_align_json_on_real_cross_family_pair(capsys, get_vocab):
@@ -67,7 +67,7 @@ def test_align_bad_tokenizer_gives_clear_error(capsys):
 def test_help_runs_as_a_real_process():
     for args in (["--help"], ["align", "--help"], ["bench", "--help"], ["demo", "--help"]):
         r = subprocess.run(
-            [sys.executable, "-m", "crossopd.cli", *args],
+            [sys.executable, "-m", "crossopd", *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -94,7 +94,7 @@ def test_bench_unknown_target_is_explicit(capsys):
 
 @pytest.mark.parametrize("n", [1, 7, 300])
 def test_sample_response_has_exact_length(n):
-    from crossopd.tokens import ByteVocab
+    from crossopd.core.tokens import ByteVocab
 
     v = ByteVocab.from_pretrained("cl100k")
     assert bench.sample_response(v, n).size == n
@@ -142,7 +142,7 @@ def test_doctor_score_measures_seam_and_stop(capsys):
 
 
 def test_format_cost_warnings_name_the_seam_and_the_stop():
-    from crossopd.doctor import check_format_costs
+    from crossopd.cli.doctor import check_format_costs
 
     warnings: list[str] = []
     check_format_costs({"first_token": -7.9, "rest_per_token": -0.9, "stop_chunk": -6.0},
@@ -172,15 +172,15 @@ def test_readme_python_snippet_runs():
 def test_shipped_configs_validate():
     """`crossopd demo` runs configs/demo.yaml; the commented example validates as shipped apart
     from its placeholder data file."""
-    from crossopd.cli import demo_config_path
-    from crossopd.config import load_config
+    from crossopd.cli.train import demo_config_path
+    from crossopd.run.config import load_config
 
     demo = load_config(demo_config_path())
     assert (demo.student.model, demo.teacher.model, demo.steps) == ("smollm2", "gemma3-270m", 10)
     assert demo.teacher.plain_template == "Question: {prompt}\nAnswer:"
     assert demo.teacher.stop == "\n\nQuestion:" and demo.optim.lr == 1e-4
     # the teacher's worked examples share no name with a prompt the student trains or is scored on
-    from crossopd.prompts import load_examples
+    from crossopd.step.data import load_examples
 
     asked = " ".join(e.messages[-1]["content"] for e in load_examples(demo.data.path))
     shots = [line.split()[1] for line in demo.teacher.system.split("\n")
@@ -196,21 +196,21 @@ def test_shipped_configs_validate():
 def test_overrides_may_follow_flags(tmp_path, monkeypatch):
     """`crossopd train CONFIG --resume key=value` parses the override (argparse alone would
     refuse it); a stray non-override is still an error."""
-    from crossopd import cli
+    from crossopd.cli import train as train_cli
 
     seen = {}
-    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.setdefault("args", args) and 0)
+    monkeypatch.setattr(train_cli, "cmd_train", lambda args: seen.setdefault("args", args) and 0)
     parser_args = ["train", "run.yaml", "--no-progress", "steps=3", "--resume", "optim.lr=1e-5"]
-    cli.main(parser_args)
+    main(parser_args)
     args = seen["args"]
     assert args.config == "run.yaml" and args.resume and args.no_progress
     assert args.overrides == ["steps=3", "optim.lr=1e-5"]
     with pytest.raises(SystemExit):
-        cli.main(["align", "--student", "smollm2", "--teacher", "smollm2", "--text", "x", "y=1"])
+        main(["align", "--student", "smollm2", "--teacher", "smollm2", "--text", "x", "y=1"])
 
 
 def test_serve_teacher_takes_vllms_flag_name():
-    from crossopd.cli import build_parser
+    from crossopd.cli.main import build_parser
 
     for flag in ("--served-model-name", "--name"):
         args = build_parser().parse_args(["serve-teacher", "--model", "smollm2", flag, "t"])

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crossopd import assign_credit
-from crossopd.align import align_lengths
-from crossopd.credit import BUILTIN_RULES
+from crossopd.core.align import align_lengths
+from crossopd.core.credit import BUILTIN_RULES
 
 from reference import CHUNK_DEFINITIONS, credit_reference
 
@@ -127,7 +127,7 @@ def test_native_credit_equals_numpy_path(rule, case):
 
 
 def test_fully_aligned_cases_take_the_native_path():
-    from crossopd.align import native_available
+    from crossopd.core.align import native_available
 
     a = align_lengths(np.array([2, 1]), np.array([1, 2]), b"abc", b"abc")
     assert a.fully_aligned and native_available()

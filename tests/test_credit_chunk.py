@@ -10,9 +10,9 @@ from hypothesis import given
 from test_credit import alignments  # the same random alignments as the other rules' tests
 
 from crossopd import assign_credit
-from crossopd.align import align_lengths
-from crossopd.config import ConfigError, TrainConfig, validate
-from crossopd.credit import BUILTIN_RULES
+from crossopd.core.align import align_lengths
+from crossopd.core.credit import BUILTIN_RULES
+from crossopd.run.config import ConfigError, TrainConfig, validate
 
 pytestmark = pytest.mark.core
 

@@ -15,9 +15,8 @@ from test_credit import alignments  # the same random alignments as the built-in
 
 from crossopd import assign_credit
 from crossopd import credit as credit_mod
-from crossopd.align import align_lengths
-from crossopd.config import ConfigError, load_config
-from crossopd.credit import (
+from crossopd.core.align import align_lengths
+from crossopd.core.credit import (
     BUILTIN_RULES,
     CreditRule,
     credit_rule,
@@ -26,6 +25,7 @@ from crossopd.credit import (
     rule_names,
     unregister_rule,
 )
+from crossopd.run.config import ConfigError, load_config
 
 pytestmark = pytest.mark.core
 
@@ -63,7 +63,7 @@ def test_built_ins():
 
 
 def test_the_rule_module_names_stay_importable_from_credit():
-    from crossopd import credit_rules
+    from crossopd.core import credit_rules
 
     for name in ("BUILTIN_RULES", "NATIVE_CODES", "PROPORTIONAL_EPS", "CreditRule", "RuleFn",
                  "proportional", "uniform", "last", "chunk"):

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from crossopd.evals import answer_correct, heldout_summary
+from crossopd.evaluation.graders import answer_correct
+from crossopd.evaluation.summary import heldout_summary
 
 
 @pytest.mark.parametrize("response,answer,ok", [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossopd.config import load_config
+from crossopd.run.config import load_config
 
 from conftest import PLAIN, free_port, wait_ready
 
@@ -37,7 +37,7 @@ def _rows(path: Path) -> list[dict]:
 def test_both_engines_write_the_same_files_and_keys(tiny, tmp_path):
     """steps=2 with update_epochs=2: two OPD steps (rows 1 and 2) in both engines, each two
     optimizer steps; the same metrics.jsonl and eval.jsonl keys, the same result keys."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     results, metrics, evals = {}, {}, {}
     for engine in ("native", "trl"):
@@ -66,7 +66,7 @@ def test_both_engines_write_the_same_files_and_keys(tiny, tmp_path):
 def test_trl_engine_counts_overflowed_sequences(tiny, tmp_path):
     """A long prompt overflows the teacher's context and a short one does not: the TRL engine
     reports the overflow per step and in the result, as the native engine does."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     long = "Add the numbers. " + " ".join(str(i) for i in range(60))
@@ -83,7 +83,7 @@ def test_trl_engine_counts_overflowed_sequences(tiny, tmp_path):
 
 def test_user_credit_rule_by_import_path_in_a_run(tiny, tmp_path):
     """``credit_rule: module:function`` reaches the step: a one-step run trains with it."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     sys.path.insert(0, str(Path(__file__).parent))  # tests/user_rules.py, as a user's module
     try:
@@ -100,7 +100,7 @@ def test_user_credit_rule_by_import_path_in_a_run(tiny, tmp_path):
 
 def _serve(model: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model, "--port",
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", model, "--port",
          str(port), "--device", "cpu", "--name", "tiny-teacher"], env=ENV,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_ready(proc, f"http://127.0.0.1:{port}/health", 120)
@@ -121,7 +121,7 @@ def test_trl_run_whose_teacher_goes_away_saves_and_says_resume(tiny, tmp_path):
            "checkpoint_every": 0, "output_dir": str(out)}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "crossopd.cli", "train", str(path), "--no-progress"]
+    cmd = [sys.executable, "-m", "crossopd", "train", str(path), "--no-progress"]
     server = _serve(tiny["teacher"], port)
     try:
         run = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -234,8 +234,8 @@ def test_lora_all_linear_passes_through_to_peft(tiny):
 
 
 def test_unknown_engine_names_the_registered_ones():
-    from crossopd.config import ConfigError
-    from crossopd.engines import ENGINES
+    from crossopd.run.config import ConfigError
+    from crossopd.run.registry import ENGINES
 
     with pytest.raises(ConfigError, match="engine 'vllm'.*native.*trl"):
         load_config(None, ["teacher.model=smollm2", "engine=vllm"])

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crossopd.loss import LossConfig, advantages, policy_loss
+from crossopd.step.loss import LossConfig, advantages, policy_loss
 
 pytestmark = pytest.mark.core  # the array core: `pytest -m core`
 

@@ -29,12 +29,13 @@ from crossopd.bench.oracle import (
     oracle_targets_many,
     rollout_oracle,
 )
-from crossopd.config import RolloutConfig
-from crossopd.credit import BUILTIN_RULES
-from crossopd.opd import rollout_and_score, sample_rollouts, score_rollouts
-from crossopd.prompts import Example
-from crossopd.sides import hf_pair
-from crossopd.tokens import ByteVocab
+from crossopd.core.credit import BUILTIN_RULES
+from crossopd.core.tokens import ByteVocab
+from crossopd.step.data import Example
+from crossopd.step.rollout import rollout_and_score, sample_rollouts
+from crossopd.step.score import score_rollouts
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import hf_pair
 
 # id 0 is byteless (an end of turn: it ends the continuation); several spellings of most strings
 PIECES = [None, b"a", b"b", b"c", b"ab", b"ba", b"abc", b"bb", b"cab"]
@@ -173,12 +174,13 @@ def test_chunk_rule_runs_through_rollout_and_score_with_comparable_kl(models):
     examples = [Example([{"role": "user", "content": p}], str(a))
                 for p, _, a in make_split(6, 5)]
     torch.manual_seed(0)
-    s = rollout_and_score(student, teachers, examples, RolloutConfig(max_new_tokens=10),
-                          credit_rule="chunk")
+    s = rollout_and_score(student, teachers, examples,
+                          StepSettings.build("chunk", max_new_tokens=10))
     assert s.stats["signal_tokens"] > 0
-    exs, prompts, responses = sample_rollouts(student, examples, RolloutConfig(max_new_tokens=10))
+    exs, prompts, responses = sample_rollouts(student, examples,
+                                              StepSettings.build(max_new_tokens=10))
     by_rule = {rule: score_rollouts(student, teachers, exs, prompts, responses,
-                                    credit_rule=rule, max_batch_tokens=4096, special_penalty=5.0)
+                                    StepSettings.build(rule, max_batch_tokens=4096))
                for rule in ("uniform", "chunk")}
     u, ch = by_rule["uniform"], by_rule["chunk"]
     # the KL statistics are L_S - L_T per chunk whatever the rule; the targets differ
@@ -199,7 +201,7 @@ def test_oracle_on_worked_solutions(models):
     eos = models["student"][1].eos_token_id
     responses = [np.asarray(sv.encode_bytes(sol.encode()) + [eos]) for _, sol, _ in problems]
     prompts = [student.fmt.prompt_ids(e.messages) for e in exs]
-    scored = score_rollouts(student, teachers, exs, prompts, responses)
+    scored = score_rollouts(student, teachers, exs, prompts, responses, StepSettings.build())
     reqs, aligns, t_lps = scored.requests, scored.alignments, scored.teacher_logps
     lp = PrefixLogprobs.from_model(models["teacher_x"][0])
     targets = rollout_oracle(lp, sv, tv, reqs, aligns, t_lps)
@@ -272,17 +274,17 @@ def test_oracle_arm_trains_on_the_oracles_targets(models):
     same requests, alignments and teacher log-probs), the same special-token penalty as the
     credit rules get, advantages clamp(q - old), and the rollouts' statistics unchanged."""
     from crossopd.bench.learn_arms import oracle_scored
-    from crossopd.loss import LossConfig
+    from crossopd.step.loss import LossConfig
 
     student, teachers = sides(models)
     sv, tv = student.vocab, teachers["teacher"].vocab
     examples = [Example([{"role": "user", "content": p}], str(a))
                 for p, _, a in make_split(6, 9)]
     torch.manual_seed(1)
-    rollout = RolloutConfig(max_new_tokens=12)
-    scored = rollout_and_score(student, teachers, examples, rollout)
+    settings = StepSettings.build(max_new_tokens=12)
+    scored = rollout_and_score(student, teachers, examples, settings)
     lp = PrefixLogprobs.from_model(models["teacher_x"][0])
-    arm = oracle_scored(scored, lp, sv, tv, rollout.special_token_penalty())
+    arm = oracle_scored(scored, lp, sv, tv, settings.penalty, settings.loss.adv_clamp)
     direct = rollout_oracle(lp, sv, tv, scored.requests, scored.alignments,
                             scored.teacher_logps)
     clamp = LossConfig().adv_clamp

@@ -22,7 +22,7 @@ def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
     """serve-teacher scoring one request per forward pass (scores independent of batching),
     logging one line per request."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model, "--port",
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", model, "--port",
          str(port), "--device", "cpu", "--max-batch-requests", "1", "--log-level", "debug",
          *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -49,7 +49,7 @@ def _train_cmd(tiny: dict, out: Path, port: int, *extra: str) -> list[str]:
             "device=cpu", "steps=3", "batch_size=2", "rollout.max_new_tokens=24",
             "eval_prompts=0", "data.heldout_size=4", "optim.lr=1e-3", f"output_dir={out}",
             *extra]
-    return [sys.executable, "-m", "crossopd.cli", "train", *args, "--no-progress"]
+    return [sys.executable, "-m", "crossopd", "train", *args, "--no-progress"]
 
 
 def _train(tiny: dict, out: Path, port: int, *extra: str) -> subprocess.Popen:

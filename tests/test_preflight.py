@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from crossopd.cli import main
+from crossopd.cli.main import main
 from crossopd.teachers import TeacherError, probe
 from crossopd.teachers.probe import check_teacher_server
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crossopd.report import write_report
+from crossopd.run.report import write_report
 
 from conftest import PLAIN
 
@@ -121,9 +121,9 @@ def test_report_fits_the_window_and_shows_time_grades_and_benchmark(tmp_path):
 
 
 def test_training_with_eval_benchmark(tiny, tmp_path, monkeypatch):
-    from crossopd import benchmark_eval
-    from crossopd.config import load_config
-    from crossopd.train import train
+    from crossopd.evaluation import benchmark_runs as benchmark_eval
+    from crossopd.run.config import load_config
+    from crossopd.run.train import train
 
     # responses of 8 tokens, not the benchmark's 1024: the tiny models only need to answer
     real = benchmark_eval.sampling_for

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossopd.rollout.hf import sample, sampling_config
-from crossopd.scoring import score_sequences
+from crossopd.models.sampling import sample, sampling_config
+from crossopd.models.scoring import score_sequences
 
 
 def _tiny_lm(vocab: int = 12):

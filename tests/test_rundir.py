@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from crossopd.build import heldout_rows
-from crossopd.config import TrainConfig
-from crossopd.rundir import RunDirError, config_changes, prepare
+from crossopd.run.config import TrainConfig
+from crossopd.run.load import heldout_rows
+from crossopd.run.rundir import RunDirError, config_changes, prepare
 
 pytestmark = pytest.mark.core
 

@@ -38,7 +38,7 @@ def _start(model: str, log: Path, *extra: str, env: dict | None = None):
     port = free_port()
     out = log.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model, "--port",
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", model, "--port",
          str(port), "--device", "cpu", *extra],
         stdout=out, stderr=subprocess.STDOUT, env=env,
     )

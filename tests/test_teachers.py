@@ -110,7 +110,7 @@ def teacher_server():
     proc = subprocess.Popen(
         # one request per forward pass: scores exactly equal to in-process ones, whatever the
         # client's concurrent requests (batched requests differ by float rounding)
-        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", "smollm2",
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", "smollm2",
          "--port", str(port), "--device", "cpu", "--max-batch-requests", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -126,7 +126,7 @@ def test_eval_benchmark_refuses_a_scoring_only_server_in_one_line(teacher_server
                                                                   capsys):
     """serve-teacher scores and does not generate: a URL MODEL pointing at it is told where
     generation runs instead."""
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     assert main(["eval", teacher_server + "/v1", "--benchmark", "gsm8k", "--limit", "1",
                  "--out", str(tmp_path / "x.jsonl")]) == 2
@@ -266,7 +266,7 @@ def _small(arch: str):
 def test_scoring_reproduces_the_models_own_logits(arch):
     """Heads that scale or soft-cap their logits (Cohere's logit_scale, Granite's
     logits_scaling, Gemma's soft-capping) are scored as the model's own forward scores them."""
-    from crossopd.scoring import score_sequences
+    from crossopd.models.scoring import score_sequences
 
     model = _small(arch)
     seq = [3, 17, 40, 9, 22, 5, 61, 30]
@@ -278,7 +278,7 @@ def test_scoring_reproduces_the_models_own_logits(arch):
 
 
 def test_a_head_crossopd_cannot_reproduce_is_refused():
-    from crossopd.scoring import check_head
+    from crossopd.models.scoring import check_head
 
     model = _small("Llama")
     forward = model.forward
@@ -388,12 +388,13 @@ def test_api_key_is_sent_but_never_shown(fault_server, monkeypatch):
 
 
 def test_api_key_reaches_serve_teacher_and_stays_out_of_config(tiny, tmp_path, monkeypatch):
-    from crossopd.config import load_config, resolve_api_key
+    from crossopd.run.config import load_config
+    from crossopd.step.settings import resolve_api_key
 
     port = free_port()
     key = "sk-serve-4242"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", tiny["student"],
+        [sys.executable, "-m", "crossopd", "serve-teacher", "--model", tiny["student"],
          "--port", str(port), "--device", "cpu", "--served-model-name", "tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "CROSSOPD_API_KEY": key},

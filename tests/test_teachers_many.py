@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossopd.config import ConfigError, load_config
-from crossopd.prompts import DataError, load_examples
+from crossopd.run.config import ConfigError, load_config
+from crossopd.step.data import DataError, load_examples
 
 from conftest import PLAIN
 
@@ -51,8 +51,8 @@ PER_TEACHER = ("sequences", "signal_tokens", "coverage", "one_to_one_share", "kl
 def test_routed_by_a_teacher_column_in_both_engines(tiny, tmp_path, engine):
     """Each row goes to the teacher its `teacher` column names; each teacher's sequences are
     the rows routed to it, and the whole-step counts are their sums."""
-    from crossopd.build import load_splits
-    from crossopd.train import train
+    from crossopd.run.load import load_splits
+    from crossopd.run.train import train
 
     data = _routed_data(tmp_path)
     cfg = load_config(None, _overrides(tiny, tmp_path / "run", f"engine={engine}",
@@ -83,19 +83,23 @@ def test_mixed_targets_are_the_weighted_sum_of_each_teachers(tiny, tmp_path):
     """teacher_mix: every teacher scores every rollout; the targets are the weighted sum of the
     teachers' own targets (computed here by hand from each teacher alone), weights
     renormalised where a teacher has no signal."""
-    from crossopd.build import build_sides
-    from crossopd.config import RolloutConfig
-    from crossopd.opd import sample_rollouts, score_rollouts
+    from crossopd.run.load import build_sides
+    from crossopd.step.rollout import sample_rollouts
+    from crossopd.step.score import score_rollouts
+    from crossopd.step.settings import StepSettings
 
     cfg = load_config(None, _overrides(tiny, tmp_path / "run",
                                        "teacher_mix={gemma: 3, smol: 1}"))
     student, teachers = build_sides(cfg)
     examples = load_examples("bundled:arith")[:4]
     torch.manual_seed(0)
-    exs, prompts, responses = sample_rollouts(student, examples, RolloutConfig(max_new_tokens=8))
-    mixed = score_rollouts(student, teachers, exs, prompts, responses, mix=cfg.teacher_mix)
+    exs, prompts, responses = sample_rollouts(student, examples,
+                                              StepSettings.build(max_new_tokens=8))
+    mixed = score_rollouts(student, teachers, exs, prompts, responses,
+                           StepSettings.build(mix=cfg.teacher_mix))
     alone = {name: score_rollouts(student, {name: teachers[name]}, exs, prompts, responses,
-                                  old_logps=mixed.old_logps) for name in teachers}
+                                  StepSettings.build(), old_logps=mixed.old_logps)
+             for name in teachers}
     checked = 0
     for i, q in enumerate(mixed.targets):
         g, s = alone["gemma"].targets[i].numpy(), alone["smol"].targets[i].numpy()
@@ -111,7 +115,7 @@ def test_mixed_targets_are_the_weighted_sum_of_each_teachers(tiny, tmp_path):
 
 
 def test_mix_targets_renormalise_and_count():
-    from crossopd.teaching import mix_targets
+    from crossopd.step.teaching import mix_targets
 
     nan = np.nan
     q, partial = mix_targets([np.array([-1.0, -2.0, nan, nan]), np.array([-3.0, nan, -4.0, nan])],
@@ -121,7 +125,7 @@ def test_mix_targets_renormalise_and_count():
 
 
 def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path, capsys):
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     cfg = load_config(None, _overrides(tiny, tmp_path / "run",
                                        "teacher_mix={gemma: 1, smol: 1}", "steps=1"))
@@ -129,11 +133,11 @@ def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path, capsys):
     (row,) = _rows(tmp_path / "run" / "metrics.jsonl")
     assert row["teachers/gemma/sequences"] == row["teachers/smol/sequences"] == row["sequences"]
     assert row["signal_tokens"] > 0 and result["heldout_kl_after"] is not None
-    from crossopd.report import teacher_names
+    from crossopd.run.report import teacher_names
 
     assert teacher_names([row]) == ["gemma", "smol"]  # a line per teacher in the plots
     # `crossopd eval` of the trained student reads the run's teachers: the KL to each
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run" / "final"), "--json", "device=cpu"]) == 0
@@ -143,7 +147,7 @@ def test_mixed_run_completes_with_per_teacher_metrics(tiny, tmp_path, capsys):
 
 def test_one_teacher_under_teachers_gives_the_numbers_of_teacher(tiny, tmp_path):
     """`teachers: {teacher: ...}` is the single-teacher run, number for number."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     base = [f"student.model={tiny['student']}", "device=cpu", "rollout.max_new_tokens=8",
             "batch_size=2", "steps=2", "eval_prompts=2", "checkpoint_every=0",
@@ -182,7 +186,7 @@ def test_two_teachers_serving_the_same_model_on_one_url_is_refused(tiny, tmp_pat
 
 def test_rows_naming_an_unknown_teacher_or_routing_under_a_mix_fail_before_models(tiny,
                                                                                   tmp_path):
-    from crossopd.build import load_splits
+    from crossopd.run.load import load_splits
 
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1?", "teacher": t}) + "\n"
@@ -198,7 +202,7 @@ def test_rows_naming_an_unknown_teacher_or_routing_under_a_mix_fail_before_model
 
 
 def test_default_teacher_takes_rows_without_one(tiny, tmp_path):
-    from crossopd.build import load_splits
+    from crossopd.run.load import load_splits
 
     cfg = load_config(None, _overrides(tiny, tmp_path, "data.default_teacher=smol"))
     train, held = load_splits(cfg)
@@ -206,7 +210,7 @@ def test_default_teacher_takes_rows_without_one(tiny, tmp_path):
 
 
 def test_doctor_reports_each_pair(capsys):
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     assert main(["doctor", "--student", "smollm2", "--teacher", "gemma3-270m", "--teacher",
                  "smollm2", "--teacher-template", "Question: {prompt}\\nAnswer:",

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crossopd import ByteVocab, UnsupportedTokenizerError
-from crossopd.vocabs.hf_json import in_context_encoder_json
+from crossopd.core.vocabs.hf_json import in_context_encoder_json
 
 from conftest import REAL
 from reference import decoded_bytes
@@ -202,7 +202,7 @@ def test_in_context_encoder_json_drops_prefix_and_post_processor():
 
 def test_gguf_tokenizer_cache_is_reused(get_vocab, tmp_path, monkeypatch):
     from crossopd import bundled
-    from crossopd.vocabs.gguf import gguf_tokenizer_dir
+    from crossopd.core.vocabs.gguf import gguf_tokenizer_dir
 
     path = bundled.smollm2_gguf()
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path))
@@ -248,7 +248,11 @@ def test_a_gguf_conversion_that_spells_words_in_characters_is_never_used(tmp_pat
     from importlib.metadata import version
 
     from crossopd import bundled
-    from crossopd.vocabs.gguf import TokenizerConversionError, gguf_tokenizer_dir, tokenizer_sound
+    from crossopd.core.vocabs.gguf import (
+        TokenizerConversionError,
+        gguf_tokenizer_dir,
+        tokenizer_sound,
+    )
 
     path = bundled.smollm2_gguf()
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "real"))

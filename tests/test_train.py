@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from crossopd.config import ConfigError, load_config
-from crossopd.loss import LossConfig
-from crossopd.prompts import DataError, load_examples
+from crossopd.run.config import ConfigError, load_config
+from crossopd.step.data import DataError, load_examples
+from crossopd.step.settings import StepSettings
 
 from conftest import PLAIN
 
@@ -40,7 +41,7 @@ def _config(tiny: dict, out: Path, **extra) -> dict:
 
 
 def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(_config(tiny, tmp_path / "run", steps=3, eval_samples=2)))
@@ -86,7 +87,7 @@ def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
     assert 2 in final.generation_config.eos_token_id  # generate() stops at <|im_end|> too
 
     # `crossopd eval` on it reads the run's config (teacher, data, sampling)
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     capsys.readouterr()
     assert main(["eval", str(out / "final"), "--json", "device=cpu"]) == 0
@@ -97,7 +98,7 @@ def test_end_to_end_tiny_cross_family(tiny, tmp_path, capsys):
 
 
 def test_teacher_context_overflow_is_loud_and_fatal_when_total(tiny, tmp_path):
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     cfg = load_config(None, [f"student.model={tiny['student']}",
                              f"teacher.model={tiny['teacher']}",
@@ -110,7 +111,7 @@ def test_teacher_context_overflow_is_loud_and_fatal_when_total(tiny, tmp_path):
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "crossopd.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "crossopd", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -156,8 +157,9 @@ def test_resume_after_sigkill_is_exact(tiny, tmp_path):
 def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     """Identical tokenizers: every chunk 1:1 and the target is the teacher's log-prob of the
     sampled token, i.e. the advantages of direct per-token OPD."""
-    from crossopd.build import build_sides
-    from crossopd.opd import rollout_and_score
+    from crossopd.run.config import step_settings
+    from crossopd.run.load import build_sides
+    from crossopd.step.rollout import rollout_and_score
 
     cfg = load_config(None, [f"student.model={tiny['student']}",
                              f"teacher.model={tiny['same_teacher']}", "device=cpu",
@@ -165,9 +167,9 @@ def test_same_tokenizer_reduces_to_per_token_opd(tiny, tmp_path):
     student, teachers = build_sides(cfg)
     examples = load_examples("bundled:arith")[:4]
     torch.manual_seed(0)
-    s = rollout_and_score(student, teachers, examples, cfg.rollout, credit_rule=cfg.credit_rule)
+    s = rollout_and_score(student, teachers, examples, step_settings(cfg))
     # direct OPD: the teacher scores the student's own sequence (same template, same ids)
-    direct = teachers["teacher"].teacher.score(s.sequences, s.spans)
+    direct = teachers["teacher"].scorer.score(s.sequences, s.spans)
     for q, d in zip(s.targets, direct):
         assert not torch.isnan(q).any()
         np.testing.assert_allclose(q.numpy(), d, rtol=0, atol=1e-5)
@@ -229,7 +231,7 @@ def test_messages_column_and_answers(tmp_path):
 
 
 def test_cli_train_reports_config_errors(capsys):
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     assert main(["train", "steps=-1", "teacher.model=smollm2"]) == 2
     assert "steps must be at least 1" in capsys.readouterr().err
@@ -237,7 +239,7 @@ def test_cli_train_reports_config_errors(capsys):
 
 def test_training_against_a_real_http_teacher(tiny, tmp_path):
     """One step with the teacher behind `crossopd serve-teacher` on 127.0.0.1."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     from conftest import free_port, wait_ready
 
@@ -265,7 +267,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     nothing is clipped on the first epoch."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from crossopd.opd import update
+    from crossopd.step.update import update
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
@@ -273,7 +275,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
                                        attn_pdrop=0.5)).eval()
     seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
     spans = [(2, 6), (1, 4)]
-    from crossopd.scoring import score_sequences
+    from crossopd.models.scoring import score_sequences
 
     with torch.no_grad():
         old = [o.double() for o in score_sequences(model, seqs, spans)]
@@ -281,7 +283,7 @@ def test_first_update_is_exactly_on_policy_with_dropout_models(tmp_path):
     s = _scored(seqs, spans, old, targets)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    out = update(_student(model), s, opt, sched, LossConfig())
+    out = update(_student(model), s, opt, sched, StepSettings.build())
     assert out["clip_frac"] == 0.0
     assert out["loss"] == pytest.approx(3.0, abs=1e-6)  # -A * ratio with A = -3 and ratio = 1
 
@@ -292,8 +294,8 @@ def test_bf16_student_moves_its_weights_like_fp32(tiny, tmp_path):
     updating bf16 weights in place would lose most of them."""
     import copy
 
-    from crossopd.build import build_sides
-    from crossopd.train import train
+    from crossopd.run.load import build_sides
+    from crossopd.run.train import train
 
     moved = {}
     for dtype in ("float32", "bfloat16"):
@@ -321,7 +323,7 @@ def test_evaluation_does_not_change_training_rollouts(tiny, tmp_path):
     """Evaluation samples from its own RNG stream (every device's generator forked, so on CUDA
     its reseeding cannot leak either): a run evaluating after every step trains on exactly the
     rollouts of a run that never evaluates."""
-    from crossopd.train import train
+    from crossopd.run.train import train
 
     rows = {}
     for name, every in (("never", 0), ("every", 1)):
@@ -338,8 +340,8 @@ def test_evaluation_does_not_change_training_rollouts(tiny, tmp_path):
 
 def _scored(seqs, spans, old, targets):
     """A ``Scored`` for the update alone: sequences, rollout log-probs and targets."""
-    from crossopd.loss import advantages
-    from crossopd.opd import Scored
+    from crossopd.step.loss import advantages
+    from crossopd.step.score import Scored
 
     advs = [advantages(q, o) for q, o in zip(targets, old)]
     return Scored(examples=[], sequences=seqs, spans=spans, old_logps=old, teacher_names=[],
@@ -361,7 +363,7 @@ def test_schedule_counts_optimizer_steps_with_or_without_signal(epochs):
     N steps the schedule is at N x epochs whatever the rollouts were."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from crossopd.opd import update
+    from crossopd.step.update import update
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1,
                                        n_head=2)).eval()
@@ -372,10 +374,10 @@ def test_schedule_counts_optimizer_steps_with_or_without_signal(epochs):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = update(_student(model), empty, opt, sched, LossConfig(), epochs=epochs)
+    out = update(_student(model), empty, opt, sched, StepSettings.build(), epochs=epochs)
     assert out["loss"] == 0.0 and sched.last_epoch == epochs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    update(_student(model), full, opt, sched, LossConfig(), epochs=epochs)
+    update(_student(model), full, opt, sched, StepSettings.build(), epochs=epochs)
     assert sched.last_epoch == 2 * epochs
     assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -384,9 +386,10 @@ def test_schedule_counts_optimizer_steps_with_or_without_signal(epochs):
 def test_special_token_mid_response_follows_the_policy(tiny, policy):
     """SmolLM2's <|endoftext|> (id 0) is not its end-of-turn: sampled mid-response it is penalized
     (advantage -special_penalty), masked, or ends the turn like the end-of-turn; always counted."""
-    from crossopd.build import build_sides
-    from crossopd.opd import score_rollouts
-    from crossopd.prompts import Example
+    from crossopd.run.config import step_settings
+    from crossopd.run.load import build_sides
+    from crossopd.step.data import Example
+    from crossopd.step.score import score_rollouts
 
     cfg = load_config(None, [f"student.model={tiny['student']}", f"teacher.model={tiny['teacher']}",
                              *(f"teacher.{k}={v}" for k, v in PLAIN.items()), "device=cpu",
@@ -400,8 +403,7 @@ def test_special_token_mid_response_follows_the_policy(tiny, policy):
                         dtype=np.int64)
     k = len(body)  # index of the special token
     s = score_rollouts(student, teachers, [ex], [student.fmt.prompt_ids(ex.messages)],
-                       [response], credit_rule="proportional", max_batch_tokens=4096,
-                       special_penalty=cfg.rollout.special_token_penalty())
+                       [response], replace(step_settings(cfg), max_batch_tokens=4096))
     adv, valid = s.advantages[0], s.signal[0]
     if policy == "penalize":
         assert valid[k] and adv[k].item() == pytest.approx(-3.0)
@@ -414,5 +416,6 @@ def test_special_token_mid_response_follows_the_policy(tiny, policy):
     assert s.stats["signal_tokens"] == int(valid.sum()) - int(policy == "penalize")
     if policy == "stop":  # a sample that ends on it gets a stop chunk, as at the end-of-turn
         s = score_rollouts(student, teachers, [ex], [student.fmt.prompt_ids(ex.messages)],
-                           [response[: k + 1]], credit_rule="proportional", max_batch_tokens=4096)
+                           [response[: k + 1]],
+                           StepSettings.build(max_batch_tokens=4096, special_tokens="mask"))
         assert s.stats["stop_chunks"] == 1 and s.stats["masked_special_tokens"] == 0

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from crossopd.config import ConfigError, load_config
-from crossopd.prompts import load_examples
+from crossopd.run.config import ConfigError, load_config
+from crossopd.step.data import load_examples
 
 from conftest import PLAIN
 
@@ -65,11 +65,13 @@ def _trl_config(tiny: dict, out: Path, *extra: str):
 def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
     """Same models, same sampled ids: the native step library recomputes the rollout log-probs,
     the credit and the advantages itself and gets TRL's; one SGD update gives the same weights."""
-    from crossopd.build import build_sides
     from crossopd.engines.trl import opd_args
-    from crossopd.hub import load_hf_model
     from crossopd.integrations.trl import OPDTrainer, as_dataset, examples_of
-    from crossopd.opd import score_rollouts, update
+    from crossopd.models.hub import load_hf_model
+    from crossopd.run.config import step_settings
+    from crossopd.run.load import build_sides
+    from crossopd.step.score import score_rollouts
+    from crossopd.step.update import update
 
     cfg = _trl_config(tiny, tmp_path, "optim.lr=0.5", "trl={optim: sgd}")
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
     trainer = OPDTrainer(model=student.model, args=opd_args(cfg, 1),
                          train_dataset=as_dataset(load_examples("bundled:arith")[:8]),
                          processing_class=student.tokenizer, teachers=teachers,
-                         student_format=student.fmt)
+                         student=student)
     seen: dict = {}
     score_batch = trainer.score_batch
 
@@ -98,9 +100,12 @@ def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
     native = load_hf_model(tiny["student"])
     native.load_state_dict(start)
     sn = dataclasses.replace(student, model=native)
+    settings = step_settings(cfg)
+    # the same settings both ways: the trainer's own, from its OPDConfig
+    assert trainer.settings.credit == settings.credit
+    assert trainer.settings.loss == settings.loss
     scored = score_rollouts(sn, teachers, examples, prompts, responses,
-                            credit_rule=cfg.credit_rule,
-                            max_batch_tokens=cfg.max_batch_tokens)  # old log-probs: native
+                            settings)  # old log-probs: native
     assert scored.stats["signal_tokens"] > 0
     for i, (adv, valid) in enumerate(zip(scored.advantages, scored.signal)):
         n = len(adv)
@@ -110,7 +115,7 @@ def test_trl_engine_matches_native_on_the_same_rollouts(tiny, tmp_path):
 
     opt = torch.optim.SGD(native.parameters(), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    update(sn, scored, opt, sched, cfg.loss, grad_clip=cfg.optim.grad_clip)
+    update(sn, scored, opt, sched, settings, grad_clip=cfg.optim.grad_clip)
     trained = dict(trainer.model.named_parameters())
     moved = 0.0
     for name, p in native.named_parameters():

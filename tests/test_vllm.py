@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from crossopd import bundled
-from crossopd.hub import gguf_model_dir
+from crossopd.models.hub import gguf_model_dir
 
 from conftest import PLAIN, free_port, wait_ready
 
@@ -102,7 +102,7 @@ def capture(self, o, inputs, rollout_s):
                             "stop": sorted(self.student.fmt.stop_ids)}) + "\\n")
     return score(self, o, inputs, rollout_s)
 T.OPDTrainer.score_batch = capture
-from crossopd.cli import main
+from crossopd.cli.main import main
 sys.exit(main())
 """
 
@@ -191,7 +191,7 @@ def test_eval_benchmark_on_a_served_model_generates_there(vllm_teacher, tmp_path
     """`crossopd eval URL --benchmark gsm8k`: K samples per item from vLLM's chat completions
     (the server applies the model's chat template), graded like an in-process model; the
     per-item seed makes a rerun draw the same samples."""
-    from crossopd.cli import main
+    from crossopd.cli.main import main
 
     outs = []
     for run in range(2):

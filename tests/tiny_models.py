@@ -24,7 +24,7 @@ def tiny_model(tok, out: Path, seed: int, layers: int = 2) -> Path:
 
 
 def tiny_models(root: Path) -> dict[str, str]:
-    from crossopd.hub import load_hf_tokenizer
+    from crossopd.models.hub import load_hf_tokenizer
 
     smol = load_hf_tokenizer("smollm2")
     gemma = load_hf_tokenizer("gemma3-270m")

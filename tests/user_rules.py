@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crossopd.credit import credit_rule
+from crossopd.core.credit import credit_rule
 
 
 @credit_rule(sums_to_teacher=True)

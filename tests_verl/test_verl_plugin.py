@@ -50,7 +50,7 @@ def test_worker_and_losses_match_the_native_step(data, capsys):
 def test_the_verl_environment_tokenizes_the_bundled_gemma_in_words():
     """transformers 5.10 (verl's pin) converts Gemma 3's GGUF tokenizer without its merges (one
     token per character, no BOS): crossopd must use a sound conversion instead."""
-    from crossopd.hub import load_hf_tokenizer
+    from crossopd.models.hub import load_hf_tokenizer
 
     tok = load_hf_tokenizer("gemma3-270m")
     assert tok.tokenize("The quick brown fox") == ["The", "▁quick", "▁brown", "▁fox"]
@@ -64,8 +64,8 @@ def _cfg(**sections):
 
 
 def test_missing_teacher_is_one_line():
-    from crossopd.config import ConfigError
     from crossopd.integrations.verl.settings import settings_from
+    from crossopd.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^crossopd: no teacher: set \+crossopd.teacher.urls"):
         settings_from(_cfg(distillation={"enabled": False}))
@@ -82,9 +82,9 @@ def test_multi_turn_trajectory_is_refused_in_one_line():
 
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 
-    from crossopd.hub import load_hf_tokenizer
     from crossopd.integrations.verl.check import build_step
     from crossopd.integrations.verl.targets import TrajectoryError
+    from crossopd.models.hub import load_hf_tokenizer
 
     step = build_step(load_hf_tokenizer("smollm2"))
     out = AgentLoopOutput(prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7],
@@ -95,11 +95,11 @@ def test_multi_turn_trajectory_is_refused_in_one_line():
 
 
 def test_teacher_pool_without_context_for_the_teacher_side_is_one_line():
-    from crossopd.bridge import ChatFormat, TeacherContext
-    from crossopd.config import ConfigError
-    from crossopd.hub import load_hf_tokenizer
     from crossopd.integrations.verl.teacher_step import pool_context_check, student_side
-    from crossopd.sides import TeacherSide
+    from crossopd.models.hub import load_hf_tokenizer
+    from crossopd.run.config import ConfigError
+    from crossopd.step.bridge import ChatFormat, TeacherContext
+    from crossopd.step.sides import TeacherSide
 
     student = student_side(load_hf_tokenizer("smollm2"))
     t_tok = load_hf_tokenizer("gemma3-270m")
@@ -268,8 +268,8 @@ def test_a_launch_crossopd_cannot_run_is_refused_in_one_line(changes, drop, mess
     """The legacy trainer, verl's teacher pool beside crossopd's own teacher, a missing
     estimator or sampler, an in-process teacher loaded once per agent-loop worker (8 by
     default), a KL term on top of OPD's: each is one line naming the key."""
-    from crossopd.config import ConfigError
     from crossopd.integrations.verl.settings import check_launch
+    from crossopd.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         check_launch(_launch(changes, drop))
@@ -293,9 +293,9 @@ def test_two_teachers_routed_by_the_samples_data_source():
     from omegaconf import OmegaConf
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 
-    from crossopd.hub import load_hf_tokenizer
     from crossopd.integrations.verl.check import PLAIN
     from crossopd.integrations.verl.teacher_step import opd_metrics, teacher_step
+    from crossopd.models.hub import load_hf_tokenizer
 
     s_tok = load_hf_tokenizer("smollm2")
     config = OmegaConf.create({"crossopd": {"teachers": {

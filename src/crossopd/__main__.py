@@ -3,7 +3,7 @@ crossopd train`` run."""
 
 import sys
 
-from crossopd.cli import main
+from crossopd.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

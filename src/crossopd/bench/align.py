@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from crossopd.align import align
 from crossopd.bench import decode_baseline
-from crossopd.credit import assign_credit
-from crossopd.tokens import ByteVocab
+from crossopd.core.align import align
+from crossopd.core.credit import assign_credit
+from crossopd.core.tokens import ByteVocab
 
 PAIRS = (("smollm2", "gemma3-270m"), ("llama3", "mistral-v3"), ("cl100k", "tekken"))
 SIZES = (512, 4096, 16384)

@@ -41,7 +41,7 @@ from crossopd.bench.learn_task import accuracy, correct_answers, make_split
 from crossopd.bench.learn_teachers import load_artifacts, locate
 from crossopd.bench.machine import machine
 from crossopd.bench.oracle import diagnose, identity_check
-from crossopd.credit import BUILTIN_RULES
+from crossopd.core.credit import BUILTIN_RULES
 from crossopd.files import atomic_write_text
 
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk

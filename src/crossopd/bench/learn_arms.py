@@ -19,11 +19,13 @@ from crossopd.bench.learn_task import (
     supervised_train,
 )
 from crossopd.bench.oracle import PrefixLogprobs, rollout_oracle
-from crossopd.config import RolloutConfig
-from crossopd.loss import LossConfig, advantages
-from crossopd.opd import Scored, penalize_specials, rollout_and_score, update
-from crossopd.prompts import Example
-from crossopd.sides import hf_pair
+from crossopd.step.data import Example
+from crossopd.step.loss import advantages
+from crossopd.step.rollout import rollout_and_score
+from crossopd.step.score import Scored, penalize_specials
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import hf_pair
+from crossopd.step.update import update
 
 
 def curve_points(preset: Any) -> list[int]:
@@ -52,7 +54,7 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
     teacher, t_tok = models[teacher_key]
     s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
     prefix = PrefixLogprobs.from_model(teacher) if oracle else None
-    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
+    settings = StepSettings.build(rule, max_new_tokens=preset.max_new_tokens)
     opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(seed)
@@ -61,11 +63,11 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
     while tokens < preset.budget_tokens:
         batch = [Example([{"role": "user", "content": p}], str(a))
                  for p, _, a in rng.sample(train_set, preset.opd_batch)]
-        scored = rollout_and_score(s_side, teachers, batch, rollout, credit_rule=rule)
+        scored = rollout_and_score(s_side, teachers, batch, settings)
         if prefix is not None:
             scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
-                                   rollout.special_token_penalty())
-        update(s_side, scored, opt, sched, LossConfig())
+                                   settings.penalty, settings.loss.adv_clamp)
+        update(s_side, scored, opt, sched, settings)
         tokens += int(scored.stats["response_tokens"])
         shares.append(scored.stats["one_to_one_share"])
         while points and tokens >= points[0]:
@@ -152,14 +154,13 @@ def run_uld(models: dict, preset: Any, seed: int, train_set, test_set,
 
 
 def oracle_scored(scored: Scored, prefix: PrefixLogprobs, sv: Any, tv: Any,
-                  special_penalty: float | None) -> Scored:
+                  special_penalty: float | None, clamp: float) -> Scored:
     """``scored`` with its targets replaced by the oracle's (``bench.oracle.rollout_oracle``:
     the teacher's exact byte-marginal log-prob of each student token, read off the same
     requests, alignments and teacher log-probs), the same special-token penalties, and the
     advantages recomputed; everything else, statistics included, as scored."""
     targets = rollout_oracle(prefix, sv, tv, scored.requests, scored.alignments,
                              scored.teacher_logps)
-    clamp = LossConfig().adv_clamp
     qs, advs, signal = [], [], []
     for q, req, old in zip(targets, scored.requests, scored.old_logps):
         penalize_specials(q, old.numpy(), req, sv.special, special_penalty)

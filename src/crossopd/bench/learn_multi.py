@@ -40,12 +40,12 @@ from crossopd.bench.learn_task import (
     train_student_tokenizer,
     train_teacher_tokenizer,
 )
-from crossopd.config import RolloutConfig
 from crossopd.files import atomic_dir_write, cache_dir
-from crossopd.loss import LossConfig
-from crossopd.opd import rollout_and_score, update
-from crossopd.prompts import Example
-from crossopd.sides import StudentSide, TeacherSide
+from crossopd.step.data import Example
+from crossopd.step.rollout import rollout_and_score
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import StudentSide, TeacherSide
+from crossopd.step.update import update
 from crossopd.teachers.hf import HFTeacher
 
 KINDS = ("add", "sub")
@@ -174,7 +174,7 @@ def run_opd(models: dict, arm: str, preset: MultiPreset, seed: int, train: dict,
     mix = {"add": 1.0, "sub": 1.0} if arm == "mixed" else None
     if arm in ("opd_add", "opd_sub"):
         teachers = {arm[4:]: teachers[arm[4:]]}
-    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
+    settings = StepSettings.build(max_new_tokens=preset.max_new_tokens, mix=mix)
     opt = torch.optim.AdamW(student.model.parameters(), lr=preset.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(seed)
@@ -183,8 +183,8 @@ def run_opd(models: dict, arm: str, preset: MultiPreset, seed: int, train: dict,
         batch = [Example([{"role": "user", "content": p}], str(a),
                          teacher=kind if arm == "routed" else None)
                  for kind in KINDS for p, _, a in rng.sample(train[kind], preset.opd_batch // 2)]
-        scored = rollout_and_score(student, teachers, batch, rollout, mix=mix)
-        update(student, scored, opt, sched, LossConfig())
+        scored = rollout_and_score(student, teachers, batch, settings)
+        update(student, scored, opt, sched, settings)
         tokens += int(scored.stats["response_tokens"])
     return {"correct": correct(student.model, student.tokenizer, test, preset), "tokens": tokens}
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.rollout.hf import left_pad
+from crossopd.models.sampling import left_pad
 
 
 # ------------------------------------------------------------------------------------ the task

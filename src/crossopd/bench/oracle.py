@@ -28,17 +28,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from crossopd.align import Alignment
 from crossopd.bench.learn_task import make_split
-from crossopd.bridge import TeacherRequest
-from crossopd.config import RolloutConfig
-from crossopd.credit import BUILTIN_RULES
-from crossopd.loss import LossConfig
-from crossopd.opd import Scored, credit_targets, sample_rollouts, score_rollouts
-from crossopd.prompts import Example
-from crossopd.scoring import token_budget_batches
-from crossopd.sides import StudentSide, TeacherSide, hf_pair
-from crossopd.tokens import ByteVocab
+from crossopd.core.align import Alignment
+from crossopd.core.credit import BUILTIN_RULES
+from crossopd.core.tokens import ByteVocab
+from crossopd.models.scoring import token_budget_batches
+from crossopd.step.bridge import TeacherRequest
+from crossopd.step.data import Example
+from crossopd.step.loss import LossConfig
+from crossopd.step.rollout import sample_rollouts
+from crossopd.step.score import Scored, credit_targets, score_rollouts
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import StudentSide, TeacherSide, hf_pair
 
 # [len(seq), V] next-token log-probs after every prefix seq[:j + 1], one array per sequence
 SequenceLogprobs = Callable[[list[tuple[int, ...]]], Sequence[np.ndarray]]
@@ -225,25 +226,25 @@ class TaskSizes(Protocol):
 
 
 def sample_problems(student: StudentSide, preset: TaskSizes, n_rollouts: int, seed: int
-                    ) -> tuple[list[Example], list[list[int]], list[np.ndarray], RolloutConfig]:
+                    ) -> tuple[list[Example], list[list[int]], list[np.ndarray], StepSettings]:
     """Student samples on ``n_rollouts`` training problems, from their own RNG stream (the same
     problems and samples for the same student, preset and seed)."""
     train = make_split(preset.n_train, 1, digits=preset.digits)
     problems = random.Random(seed).sample(train, min(n_rollouts, len(train)))
     examples = [Example([{"role": "user", "content": p}], str(a)) for p, _, a in problems]
-    rollout = RolloutConfig(max_new_tokens=preset.max_new_tokens)
+    settings = StepSettings.build(max_new_tokens=preset.max_new_tokens)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        exs, prompts, responses = sample_rollouts(student, examples, rollout)
-    return exs, prompts, responses, rollout
+        exs, prompts, responses = sample_rollouts(student, examples, settings)
+    return exs, prompts, responses, settings
 
 
 def rule_targets(scored: Scored, student: StudentSide, teacher: TeacherSide,
-                 rollout: RolloutConfig) -> dict[str, list[np.ndarray]]:
+                 settings: StepSettings) -> dict[str, list[np.ndarray]]:
     """Every built-in rule's targets on the same scored rollouts: the teacher's log-probs, the
     alignments and the rollout log-probs are read from ``scored``, never computed again."""
-    penalty = rollout.special_token_penalty()
+    penalty = settings.penalty
     return {rule: [credit_targets(q, lp, o.numpy(), student.vocab, teacher.vocab, rule=rule,
                                   special_penalty=penalty, alignment=a).targets
                    for q, lp, o, a in zip(scored.requests, scored.teacher_logps,
@@ -288,11 +289,9 @@ def _rollouts(models: dict[str, tuple[Any, Any]], teacher_key: str, preset: Task
     teacher, t_tok = models[teacher_key]
     s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
     t_side = next(iter(teachers.values()))
-    exs, prompts, responses, rollout = sample_problems(s_side, preset, n_rollouts, seed)
-    scored = score_rollouts(s_side, teachers, exs, prompts, responses,
-                            temperature=rollout.temperature,
-                            special_penalty=rollout.special_token_penalty())
-    return s_side, t_side, responses, scored, rule_targets(scored, s_side, t_side, rollout)
+    exs, prompts, responses, settings = sample_problems(s_side, preset, n_rollouts, seed)
+    scored = score_rollouts(s_side, teachers, exs, prompts, responses, settings)
+    return s_side, t_side, responses, scored, rule_targets(scored, s_side, t_side, settings)
 
 
 def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: int = 64,

@@ -39,7 +39,7 @@ def hf_dir(name: str) -> str:
     """An HF directory (or hub id) for a bundled name, path or GGUF file: TRL loads teacher
     tokenizers by path, and the bundled models are GGUF files cached as complete HF dirs."""
     from crossopd import bundled
-    from crossopd.hub import gguf_model_dir
+    from crossopd.models.hub import gguf_model_dir
 
     resolved = bundled.resolve_tokenizer(name)
     if not isinstance(resolved, (str, Path)):
@@ -58,7 +58,7 @@ def _dataset(trainer_name: str) -> Any:
     it only fixes the prompt."""
     from datasets import Dataset
 
-    from crossopd.prompts import load_examples
+    from crossopd.step.data import load_examples
 
     rows = []
     for e in load_examples("bundled:arith"):
@@ -193,7 +193,7 @@ def _run(trainer_name: str, pair: str, *, batch_size: int, max_new_tokens: int, 
          warmup_steps: int, device: str, seed: int, student: str,
          teacher: str | None) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from crossopd.hub import load_hf_model, load_hf_tokenizer, quiet_hf
+    from crossopd.models.hub import load_hf_model, load_hf_tokenizer, quiet_hf
 
     quiet_hf()
     from datasets.utils.logging import disable_progress_bar

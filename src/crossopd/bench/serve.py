@@ -51,7 +51,7 @@ def proc_status_kib(pid: int, field: str) -> int | None:
 
 def start_server(model: str, port: int, device: str | None, log_path: Path,
                  ready_timeout_s: float = 600.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "crossopd.cli", "serve-teacher", "--model", model,
+    cmd = [sys.executable, "-m", "crossopd", "serve-teacher", "--model", model,
            "--port", str(port), "--log-every", "0"]
     if device:
         cmd += ["--device", device]

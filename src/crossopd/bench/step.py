@@ -46,7 +46,7 @@ def run_row(engine: str, pair: list[str], preset: dict, out_dir: Path,
             python: str = sys.executable, device: str = "cpu") -> dict:
     """One ``crossopd train`` run in a child process; its measured steps summarised."""
     steps = preset["warmup"] + preset["steps"]
-    cmd = [python, "-m", "crossopd.cli", "train", *pair, f"engine={engine}", f"device={device}",
+    cmd = [python, "-m", "crossopd", "train", *pair, f"engine={engine}", f"device={device}",
            f"steps={steps}", f"batch_size={preset['prompts']}", "rollout.samples_per_prompt=2",
            f"rollout.max_new_tokens={preset['max_new_tokens']}", "eval_prompts=0",
            "checkpoint_every=0", f"output_dir={out_dir}", "--overwrite", "--no-progress"]
@@ -75,10 +75,10 @@ def own_work_4k(student: str, teacher: str, same_teacher: str, n_tokens: int = 4
     """Seconds of bridge + align + credit for one response of ``n_tokens`` student tokens,
     cross pair and same-tokenizer control, without any model (random teacher log-probs)."""
     from crossopd.bench.align import sample_response
-    from crossopd.bridge import ChatFormat, align_bridged, build_teacher_request
-    from crossopd.credit import assign_credit
-    from crossopd.hub import load_hf_tokenizer
-    from crossopd.tokens import ByteVocab
+    from crossopd.core.credit import assign_credit
+    from crossopd.core.tokens import ByteVocab
+    from crossopd.models.hub import load_hf_tokenizer
+    from crossopd.step.bridge import ChatFormat, align_bridged, build_teacher_request
 
     s_tok = load_hf_tokenizer(student)
     s_fmt, sv = ChatFormat.from_tokenizer(s_tok), ByteVocab.from_pretrained(student)

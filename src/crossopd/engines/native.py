@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd import checkpoint as ckpt
-from crossopd.lifecycle import AfterStep, Run
-from crossopd.opd import rollout_and_score, update
-from crossopd.prompts import Example
-from crossopd.stats import TIMING_PREFIX, timed
+from crossopd.run import checkpoint as ckpt
+from crossopd.run.config import step_settings
+from crossopd.run.lifecycle import AfterStep, Run
+from crossopd.step.data import Example
+from crossopd.step.rollout import rollout_and_score
+from crossopd.step.stats import TIMING_PREFIX, timed
+from crossopd.step.update import update
 
 
 def step_examples(examples: list[Example], step: int, batch_size: int,
@@ -55,6 +57,7 @@ class NativeEngine:
         from tqdm.auto import tqdm
 
         cfg, student = run.cfg, run.student
+        settings = step_settings(cfg)
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps,
                    disable=not run.progress, desc="opd", unit="step")
         for step in bar:
@@ -63,17 +66,11 @@ class NativeEngine:
             # hold if the teacher goes away in the middle of this step
             self.completed, self.rng = step, ckpt.rng_state()
             batch = step_examples(run.examples, step, cfg.batch_size, cfg.seed)
-            scored = rollout_and_score(student, run.teachers, batch, cfg.rollout,
-                                       credit_rule=cfg.credit_rule,
-                                       max_batch_tokens=cfg.max_batch_tokens,
-                                       adv_clamp=cfg.loss.adv_clamp,
-                                       mix=cfg.teacher_mix or None)
+            scored = rollout_and_score(student, run.teachers, batch, settings)
             times: dict[str, float] = {}
             with timed(times, "update"):
-                upd = update(student, scored, self.optimizer, self.scheduler, cfg.loss,
-                             grad_clip=cfg.optim.grad_clip, epochs=cfg.update_epochs,
-                             max_batch_tokens=cfg.max_batch_tokens,
-                             temperature=cfg.rollout.temperature)
+                upd = update(student, scored, self.optimizer, self.scheduler, settings,
+                             grad_clip=cfg.optim.grad_clip, epochs=cfg.update_epochs)
             done = step + 1
             self.completed, self.rng = done, ckpt.rng_state()
             dt = times["update"]

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from crossopd import checkpoint as ckpt
-from crossopd.config import ConfigError, TrainConfig
 from crossopd.integrations.trl import OPDConfig, OPDTrainer, as_dataset
 from crossopd.integrations.trl_private import save_checkpoint
-from crossopd.lifecycle import AfterStep, Run
-from crossopd.stats import TIMING_PREFIX
+from crossopd.run import checkpoint as ckpt
+from crossopd.run.config import ConfigError, TrainConfig
+from crossopd.run.lifecycle import AfterStep, Run
+from crossopd.run.trackers import TENSORBOARD_DIR, tracker_names
+from crossopd.step.stats import TIMING_PREFIX
 from crossopd.teachers import status_line
 
 
@@ -59,14 +60,15 @@ def opd_args(cfg: TrainConfig, world_size: int) -> OPDConfig:
         max_grad_norm=cfg.optim.grad_clip,
         lr_scheduler_type="constant_with_warmup" if cfg.optim.warmup_steps else "constant",
         bf16=cfg.student.dtype == "bfloat16", fp16=cfg.student.dtype == "float16",
-        logging_steps=1, report_to="none", save_total_limit=cfg.keep_checkpoints,
+        logging_steps=1, report_to=tracker_names(cfg.report_to) or "none",
+        save_total_limit=cfg.keep_checkpoints,
         save_strategy="steps" if cfg.checkpoint_every else "no",
         save_steps=(cfg.checkpoint_every or 500) * epochs, dataloader_num_workers=0,
         use_vllm=cfg.rollout.backend == "vllm", vllm_mode=cfg.rollout.vllm_mode,
         credit_rule=cfg.credit_rule, adv_clamp=cfg.loss.adv_clamp,
         special_tokens=cfg.rollout.special_tokens,
         special_penalty=cfg.rollout.special_penalty,
-        teacher_patience_s=cfg.teacher.patience_s, opd_max_batch_tokens=cfg.max_batch_tokens,
+        opd_max_batch_tokens=cfg.max_batch_tokens,
     )
     # transformers renamed gradient_checkpointing (deprecated from 5.2x on)
     names = {f.name for f in dataclasses.fields(OPDConfig)}
@@ -155,12 +157,16 @@ class TRLEngine:
                                     "without --resume")
         if args.use_vllm and args.use_cpu:
             keep_vllm_cpu_weights()
+        if "tensorboard" in (args.report_to or []):
+            # TRL's own keys go into the run's TensorBoard directory, beside crossopd's
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR",
+                                  str(run.out_dir / TENSORBOARD_DIR))
         self.trainer = OPDTrainer(model=run.student.model, args=args,
                                   train_dataset=as_dataset(run.examples),
                                   processing_class=run.student.tokenizer,
                                   peft_config=lora_config(cfg), teachers=run.teachers,
                                   teacher_mix=cfg.teacher_mix or None,
-                                  student_format=run.student.fmt)
+                                  student=run.student)
         check_zero3_gather(self.trainer.accelerator)
         note = fsdp_fallback_note(self.trainer.accelerator)
         if note and run.main:

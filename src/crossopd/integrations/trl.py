@@ -15,20 +15,24 @@ The YAML engine (``engine: trl``) builds this same class (``crossopd.engines.trl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from crossopd.bridge import ChatFormat, TeacherContext
-from crossopd.opd import advantage_stats, score_rollouts
-from crossopd.prompts import Example
-from crossopd.sides import StudentSide, TeacherSide, one_teacher
-from crossopd.stats import TEACHER_STATS, StepStats, add_timings, timed
+from crossopd.core.tokens import ByteVocab
+from crossopd.models.hub import load_hf_model, load_hf_tokenizer
+from crossopd.step.data import Example
+from crossopd.step.loss import LossConfig
+from crossopd.step.score import score_rollouts
+from crossopd.step.settings import HELP, StepSettings, TeacherConfig, option
+from crossopd.step.sides import StudentSide, TeacherSide, check_teacher, one_teacher, teacher_side
+from crossopd.step.stats import TEACHER_STATS, StepStats, add_timings, timed
+from crossopd.step.update import advantage_stats
 from crossopd.teachers import TeacherError
-from crossopd.tokens import ByteVocab
 
 try:
     from trl import GRPOConfig
@@ -57,36 +61,20 @@ class OPDConfig(GRPOConfig):
     """``GRPOConfig`` with OPD's defaults (no KL term, token-mean ``dapo`` loss, clip 0.2/0.28,
     dual clip 10, dropout off) and crossopd's knobs."""
 
-    credit_rule: str = field(default="proportional", metadata={
-        "help": "How a chunk's teacher log-prob is shared out over its student tokens: "
-                "proportional, uniform, last, chunk, or a `package.module:function` rule."})
-    adv_clamp: float = field(default=10.0, metadata={
-        "help": "Per-token advantages q - log p are clamped to [-adv_clamp, adv_clamp]."})
-    special_tokens: str = field(default="penalize", metadata={
-        "help": "A special token sampled mid-response (not the end-of-turn), which no teacher "
-                "can score: penalize (advantage -special_penalty), stop (it ends the turn; "
-                "set at trainer build) or mask (no signal). Counted either way."})
-    special_penalty: float = field(default=5.0, metadata={
-        "help": "The penalty of special_tokens=penalize."})
-    teacher_patience_s: float = field(default=300.0, metadata={
-        "help": "How long an HTTP teacher that is down, starting or overloaded is waited for "
-                "before the run stops (0: fail at once)."})
-    teacher_served_name: str | None = field(default=None, metadata={
-        "help": "The teacher's model name on its server (HTTP teachers)."})
-    teacher_api_key: str | None = field(default=None, metadata={
-        "help": "Bearer key of the teacher server (default: $CROSSOPD_API_KEY)."})
-    teacher_plain_template: str | None = field(default=None, metadata={
-        "help": "Prompt template for a teacher without a chat template, with a {prompt} field, "
-                "e.g. 'Question: {prompt}\\nAnswer:'."})
-    teacher_stop: str | None = field(default=None, metadata={
-        "help": "What ends the teacher's answer with teacher_plain_template."})
-    teacher_system: str | None = field(default=None, metadata={
-        "help": "A system prompt only the teacher sees."})
-    teacher_max_length: int | None = field(default=None, metadata={
-        "help": "The teacher's context in tokens (default: the model's or the server's); longer "
-                "requests get no signal and are counted."})
-    opd_max_batch_tokens: int = field(default=8192, metadata={
-        "help": "Token budget of one in-process teacher forward pass."})
+    credit_rule: str = option("proportional", HELP["credit_rule"])
+    adv_clamp: float = option(10.0, HELP["adv_clamp"])
+    special_tokens: str = option("penalize", HELP["special_tokens"])
+    special_penalty: float = option(5.0, HELP["special_penalty"])
+    teacher_patience_s: float = option(300.0, HELP["teacher.patience_s"])
+    teacher_timeout: float = option(120.0, HELP["teacher.timeout"])
+    teacher_retries: int = option(3, HELP["teacher.retries"])
+    teacher_served_name: str | None = option(None, HELP["teacher.served_name"])
+    teacher_api_key: str | None = option(None, HELP["teacher.api_key"])
+    teacher_plain_template: str | None = option(None, HELP["teacher.plain_template"])
+    teacher_stop: str | None = option(None, HELP["teacher.stop"])
+    teacher_system: str | None = option(None, HELP["teacher.system"])
+    teacher_max_length: int | None = option(None, HELP["teacher.max_length"])
+    opd_max_batch_tokens: int = option(8192, HELP["max_batch_tokens"])
     # OPD's defaults for GRPO fields
     beta: float = 0.0
     loss_type: str = "dapo"
@@ -96,46 +84,45 @@ class OPDConfig(GRPOConfig):
     remove_unused_columns: bool | None = False
     top_k: int = 0
 
-    def special_token_penalty(self) -> float | None:
-        return self.special_penalty if self.special_tokens == "penalize" else None
+    def step_settings(self, mix: Mapping[str, float] | None = None) -> StepSettings:
+        """The step settings of this trainer: crossopd's fields, TRL's sampling and its clip
+        (``epsilon``, ``epsilon_high``, dual clip ``delta``), which TRL's loss applies."""
+        return StepSettings.build(
+            self.credit_rule,
+            loss=LossConfig(clip_low=self.epsilon, clip_high=self.epsilon_high or self.epsilon,
+                            dual_clip=self.delta or math.inf, adv_clamp=self.adv_clamp),
+            special_tokens=self.special_tokens, special_penalty=self.special_penalty,
+            temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_completion_length, samples_per_prompt=self.num_generations,
+            max_batch_tokens=self.opd_max_batch_tokens, mix=dict(mix) if mix else None)
+
+    def teacher_config(self, teacher: str | Sequence[str] | None,
+                       tokenizer: str | None = None) -> TeacherConfig:
+        """The teacher section of a teacher handed to ``OPDTrainer`` as a model path / bundled
+        name or as URLs (None: a loaded model), with this config's ``teacher_*`` fields."""
+        urls = [] if teacher is None or isinstance(teacher, str) else list(teacher)
+        return TeacherConfig(
+            model=teacher if isinstance(teacher, str) else None, urls=urls,
+            served_name=self.teacher_served_name, tokenizer=tokenizer,
+            plain_template=self.teacher_plain_template, stop=self.teacher_stop,
+            system=self.teacher_system, max_length=self.teacher_max_length,
+            timeout=self.teacher_timeout, retries=self.teacher_retries,
+            patience_s=self.teacher_patience_s, api_key=self.teacher_api_key)
 
 
 def build_teacher(teacher: Any, tokenizer: Any, args: OPDConfig, device: str) -> TeacherSide:
     """A teacher side from what a user hands ``OPDTrainer``: a loaded model, a model path or
-    bundled name, or a list of teacher URLs (``vllm serve`` / ``crossopd serve-teacher``)."""
-    from crossopd.hub import load_hf_model, load_hf_tokenizer
-
-    if isinstance(teacher, (list, tuple)):
-        from crossopd.config import resolve_api_key
-        from crossopd.teachers.http import HTTPTeacher
-        from crossopd.teachers.probe import check_teacher_server
-
-        key = resolve_api_key(args.teacher_api_key) or ""
-        check_teacher_server(teacher, args.teacher_served_name, key,
-                             patience_s=args.teacher_patience_s)
-        scorer: Any = HTTPTeacher(list(teacher), model=args.teacher_served_name, api_key=key,
-                                  max_length=args.teacher_max_length,
-                                  patience_s=args.teacher_patience_s)
-        tokenizer = tokenizer or args.teacher_served_name
-        if tokenizer is None:
-            raise ValueError("a teacher given as URLs needs teacher_tokenizer= (or "
-                             "OPDConfig.teacher_served_name as a hub id)")
-    else:
-        from crossopd.teachers.hf import HFTeacher
-
-        if isinstance(teacher, str):
-            tokenizer = tokenizer or teacher
-            teacher = load_hf_model(teacher, device=device)
-        elif tokenizer is None:
-            tokenizer = getattr(teacher, "name_or_path", None)
-        scorer = HFTeacher(teacher, max_batch_tokens=args.opd_max_batch_tokens)
+    bundled name, or a list of teacher URLs (``vllm serve`` / ``crossopd serve-teacher``),
+    through the one teacher builder (``crossopd.step.sides``)."""
+    loaded = None if isinstance(teacher, (str, list, tuple)) else teacher
+    spec = args.teacher_config(None if loaded is not None else teacher,
+                               tokenizer if isinstance(tokenizer, str) else None)
+    if loaded is not None and tokenizer is None:
+        tokenizer = getattr(loaded, "name_or_path", None)
     if isinstance(tokenizer, str):
         tokenizer = load_hf_tokenizer(tokenizer)
-    fmt = ChatFormat.from_tokenizer(
-        tokenizer, plain_template=args.teacher_plain_template, stop=args.teacher_stop,
-        max_length=args.teacher_max_length or scorer.max_length)
-    return TeacherSide.from_tokenizer(scorer, tokenizer, fmt=fmt,
-                                      context=TeacherContext(system=args.teacher_system))
+    return teacher_side(spec, check_teacher(spec, tokenizer), device=device,
+                        max_batch_tokens=args.opd_max_batch_tokens, model=loaded)
 
 
 class OPDTrainer(GRPOHooks):
@@ -147,16 +134,15 @@ class OPDTrainer(GRPOHooks):
     teacher sides by name, instead of ``teacher``. Dataset rows need ``prompt`` (chat messages)
     and may carry ``answer``, ``reference`` (teacher-only context) and ``teacher`` (the name of
     the teacher that scores the row); ``teacher_mix`` (name -> weight) has every listed teacher
-    score every row instead."""
+    score every row instead. ``student``: the student side when already built (its model is
+    ``model``), instead of building it from ``model`` and ``processing_class``."""
 
     def __init__(self, model: Any, teacher: Any = None, teacher_tokenizer: Any = None,
                  args: OPDConfig | None = None, train_dataset: Any = None,
                  processing_class: Any = None, *,
                  teachers: Mapping[str, TeacherSide] | None = None,
                  teacher_mix: Mapping[str, float] | None = None,
-                 student_format: ChatFormat | None = None, **kwargs: Any) -> None:
-        from crossopd.hub import load_hf_model, load_hf_tokenizer
-
+                 student: StudentSide | None = None, **kwargs: Any) -> None:
         check_private_api()
         if args is None:
             raise ValueError("OPDTrainer needs args=OPDConfig(output_dir=...)")
@@ -175,13 +161,16 @@ class OPDTrainer(GRPOHooks):
         if isinstance(model, str):
             processing_class = processing_class or load_hf_tokenizer(model)
             model = load_hf_model(model, device=device)
-        if processing_class is None:
-            processing_class = load_hf_tokenizer(model.name_or_path)
-        vocab = ByteVocab.from_pretrained(processing_class)
-        special = np.flatnonzero(vocab.special).tolist() if args.special_tokens == "stop" \
-            else []
-        side = StudentSide.from_model(model, processing_class, fmt=student_format, vocab=vocab,
-                                      stop_ids=special)
+        if student is not None:  # already built (engine trl: the run's student side)
+            processing_class = processing_class or student.tokenizer
+            side = student
+        else:
+            if processing_class is None:
+                processing_class = load_hf_tokenizer(model.name_or_path)
+            vocab = ByteVocab.from_pretrained(processing_class)
+            special = np.flatnonzero(vocab.special).tolist() if args.special_tokens == "stop" \
+                else []
+            side = StudentSide.from_model(model, processing_class, vocab=vocab, stop_ids=special)
         # TRL stops HF sampling at the generation config's EOS ids: the template's end-of-turn;
         # vLLM stops at the EOS of the model on disk, so the same ids go into its sampling
         # parameters (a student whose end-of-turn is not its EOS would run to the length limit)
@@ -197,7 +186,7 @@ class OPDTrainer(GRPOHooks):
         self.student = side
         self.teachers = dict(teachers) if teachers is not None else one_teacher(
             build_teacher(teacher, teacher_tokenizer, args, device))
-        self.teacher_mix = dict(teacher_mix) if teacher_mix else None
+        self.settings = args.step_settings(teacher_mix)
         self.last_step_stats: dict[str, float] = {}
         self.last_step_totals: dict[str, float] = {}
 
@@ -216,11 +205,7 @@ class OPDTrainer(GRPOHooks):
         failure: TeacherError | None = None
         try:
             scored = score_rollouts(self.student, self.teachers, examples_of(inputs), prompts,
-                                    responses, credit_rule=self.args.credit_rule,
-                                    max_batch_tokens=self.args.opd_max_batch_tokens,
-                                    old_logps=old_list,
-                                    special_penalty=self.args.special_token_penalty(),
-                                    adv_clamp=self.args.adv_clamp, mix=self.teacher_mix)
+                                    responses, self.settings, old_logps=old_list)
         except TeacherError as e:
             failure = e
         # every process learns whether any teacher gave up, before the next collective: they
@@ -250,7 +235,7 @@ class OPDTrainer(GRPOHooks):
                 team = StepStats(self.global_totals(scored.teacher_totals.get(name, {})))
                 stats.update({f"teachers/{name}/{k}": v for k, v in team.result().items()
                               if k in TEACHER_STATS})
-            if self.teacher_mix:
+            if self.settings.mix:
                 stats["mix_partial_tokens"] = scored.stats["mix_partial_tokens"]
         times["student_logps"] += scored.times.pop("student_logps")
         add_timings(stats, {**times, **scored.times}, sum(lengths))

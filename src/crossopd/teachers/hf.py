@@ -1,4 +1,4 @@
-"""In-process Hugging Face teacher: batched, memory-bounded scoring (``crossopd.scoring``).
+"""In-process Hugging Face teacher: batched, memory-bounded scoring (``crossopd.models.scoring``).
 
 Gemma's 262k vocabulary makes a naive 1k-token log-softmax about 1 GB; blocks of rows through the
 output head keep it to ``logits_budget_bytes``.
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.scoring import check_head, score_sequences
+from crossopd.models.scoring import check_head, score_sequences
 from crossopd.teachers import TeacherError, check_spans
 
 
@@ -40,7 +40,7 @@ class HFTeacher:
     @classmethod
     def from_pretrained(cls, src: Any, device: str | None = None, dtype: Any = None,
                         **kwargs: Any) -> HFTeacher:
-        from crossopd.hub import load_hf_model
+        from crossopd.models.hub import load_hf_model
 
         return cls(load_hf_model(src, dtype=dtype, device=device or default_device()), **kwargs)
 

@@ -4,7 +4,7 @@ and no Ray (``smoke`` runs the whole trainer).
 
 1. Student rollouts on the bundled pair (SmolLM2-135M learns from Gemma 3 270M, the demo's
    plain teacher format), on the bundled prompts or on the ``messages``/``prompt`` rows of FILE,
-   scored natively (``crossopd.opd.score_rollouts``).
+   scored natively (``crossopd.step.score.score_rollouts``).
 2. Each rollout as verl's ``AgentLoopOutput`` through the worker's teacher step
    (``TeacherStep.run``) in both modes: ``pool`` writes the targets into the teacher fields,
    ``advantage`` returns the per-token advantage; both trim the response mask. Targets,
@@ -13,7 +13,7 @@ and no Ray (``smoke`` runs the whole trainer).
    the clip is exercised): the ``crossopd`` distillation loss through verl's
    ``distillation_loss``, and the advantage through verl's ``compute_advantage`` (the
    ``crossopd`` estimator) into verl's ``ppo_loss`` (the ``crossopd`` policy loss); each against
-   ``crossopd.loss.policy_loss``.
+   ``crossopd.step.loss.policy_loss``.
 
 Prints ``sequences``, ``coverage``, ``max_abs_diff_targets``, ``max_abs_diff_advantages``,
 ``mask_equal``, ``max_abs_diff_loss`` (the distillation loss), ``max_abs_diff_policy_loss``,
@@ -55,25 +55,24 @@ def plugin_loaded() -> bool:
 
 def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
     """Native rollouts and their native scoring on the bundled pair."""
-    from crossopd.config import RolloutConfig
-    from crossopd.hub import load_hf_model, load_hf_tokenizer
-    from crossopd.opd import sample_rollouts, score_rollouts
-    from crossopd.scoring import score_sequences
-    from crossopd.sides import StudentSide
+    from crossopd.models.hub import load_hf_model, load_hf_tokenizer
+    from crossopd.models.scoring import score_sequences
+    from crossopd.step.rollout import sample_rollouts
+    from crossopd.step.score import score_rollouts
+    from crossopd.step.sides import StudentSide
 
     s_tok = load_hf_tokenizer("smollm2")
     student = StudentSide.from_model(load_hf_model("smollm2", device="cpu"), s_tok)
     step = build_step(s_tok)
     torch.manual_seed(seed)
-    exs, prompts, responses = sample_rollouts(student, examples,
-                                              RolloutConfig(max_new_tokens=max_new_tokens))
+    exs, prompts, responses = sample_rollouts(
+        student, examples, replace(step.step, max_new_tokens=max_new_tokens))
     seqs = [list(p) + r.tolist() for p, r in zip(prompts, responses)]
     spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
     with torch.no_grad():
         old = [o.double() for o in score_sequences(student.model, seqs, spans)]
     native = score_rollouts(student, step.teachers, exs, prompts, responses,
-                            old_logps=old, credit_rule=step.settings.credit_rule,
-                            special_penalty=step.settings.special_token_penalty())
+                            step.step, old_logps=old)
     return step, exs, prompts, responses, old, native
 
 
@@ -146,7 +145,7 @@ def actor_config(n: int) -> Any:
 
 
 def native_loss(current: list, old: list, targets: list) -> float:
-    from crossopd.loss import LossConfig, advantages, policy_loss
+    from crossopd.step.loss import LossConfig, advantages, policy_loss
 
     adv_valid = [advantages(q, o) for q, o in zip(targets, old)]
     loss, _ = policy_loss(torch.cat(current), torch.cat(old), torch.cat([a for a, _ in adv_valid]),
@@ -235,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
-    from crossopd.hub import quiet_hf
-    from crossopd.prompts import load_examples
+    from crossopd.models.hub import quiet_hf
+    from crossopd.step.data import load_examples
 
     quiet_hf()
     loaded = plugin_loaded()

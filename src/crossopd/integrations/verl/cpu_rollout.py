@@ -46,7 +46,7 @@ class HFServer:
     """verl's rollout-server calls on a CPU model (see the module docstring)."""
 
     def __init__(self, config: Any, model_config: Any, replica_rank: int) -> None:
-        from crossopd.hub import load_hf_model, load_hf_tokenizer
+        from crossopd.models.hub import load_hf_model, load_hf_tokenizer
 
         self.config, self.replica_rank = config, replica_rank
         path = model_path(model_config)
@@ -85,8 +85,8 @@ class HFServer:
     def _sample(self, batch: list[tuple[list[int], dict]]) -> list[tuple[list[int], Any]]:
         """One ``generate`` call for requests of the same policy and length limit; each
         response's log-probs under that policy when its request asked for them."""
-        from crossopd.rollout.hf import sample
-        from crossopd.scoring import score_sequences
+        from crossopd.models.sampling import sample
+        from crossopd.models.scoring import score_sequences
 
         prompts = [p for p, _ in batch]
         temperature, top_p = self._policy(batch[0][1])
@@ -101,7 +101,7 @@ class HFServer:
                 for r, lp, (_, params) in zip(responses, logps, batch)]
 
     def _prompt_logprobs(self, prompt_ids: list[int]) -> dict[str, list]:
-        from crossopd.scoring import score_sequences
+        from crossopd.models.scoring import score_sequences
 
         with torch.inference_mode():
             (lp,) = score_sequences(self.model, [prompt_ids], [(1, len(prompt_ids))])

@@ -1,6 +1,6 @@
 """crossopd's objective in verl's registries: PPO-clip with dual clip on the per-token advantage
 ``A = clamp(q - old logp, +-adv_clamp)``, token mean over the tokens with a signal
-(``crossopd.loss.per_token_loss``).
+(``crossopd.step.loss.per_token_loss``).
 
 - ``crossopd`` advantage estimator (``algorithm.adv_estimator=crossopd``) and policy loss
   (``actor_rollout_ref.actor.policy_loss.loss_mode=crossopd``): mode ``advantage``, where the
@@ -43,7 +43,7 @@ from verl.trainer.ppo.core_algos import (
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
 
-from crossopd.loss import LossConfig, per_token_loss
+from crossopd.step.loss import LossConfig, per_token_loss
 
 NAME = "crossopd"
 

@@ -1,7 +1,7 @@
 """A verl run's trained samples against crossopd's native step library (what ``smoke`` checks):
 the worker recorded, for every training sample, the student's ids as sampled, the rollout
 log-probs, the teacher log-probs it got and the targets, mask and counts it produced
-(``+crossopd.record_dir``). Here the same ids go through ``crossopd.opd.score_rollouts`` with
+(``+crossopd.record_dir``). Here the same ids go through ``crossopd.step.score.score_rollouts`` with
 the teacher scoring in process, one sequence per forward pass:
 
 - ``max_abs_diff_teacher_logprobs``: the run's teacher (HTTP server or verl's pool) against the
@@ -15,16 +15,16 @@ the teacher scoring in process, one sequence per forward pass:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from crossopd.config import TeacherConfig
-from crossopd.integrations.verl.settings import VerlSettings
 from crossopd.integrations.verl.teacher_step import opd_metrics, student_side
-from crossopd.prompts import Example
+from crossopd.step.data import Example
+from crossopd.step.settings import StepSettings, TeacherConfig
 
 TEACHER_TOLERANCE = 1e-4
 METRICS = ("sequences", "coverage", "one_to_one_share", "signal_tokens", "kl_per_token",
@@ -42,27 +42,26 @@ def _nan(values: list) -> np.ndarray:
 
 
 def compare(out: Path, student: str, t_cfg: TeacherConfig, logged: dict[str, float],
-            settings: VerlSettings | None = None) -> dict[str, Any]:
+            settings: StepSettings | None = None) -> dict[str, Any]:
     """The comparison for the run in ``out`` (module docstring); ``t_cfg``: the teacher in
-    process, with the run's prompt format."""
-    from crossopd.build import build_teacher, check_teacher
-    from crossopd.hub import load_hf_tokenizer
-    from crossopd.opd import credit_targets, score_rollouts
+    process, with the run's prompt format; ``settings``: the run's (default: crossopd's
+    defaults). The native step scores every sequence in a forward pass of its own
+    (``max_batch_tokens=1``), as the worker does."""
+    from crossopd.models.hub import load_hf_tokenizer
+    from crossopd.step.score import credit_targets, score_rollouts
+    from crossopd.step.sides import check_teacher, teacher_side
 
-    settings = settings or VerlSettings()
+    settings = replace(settings or StepSettings.build(), max_batch_tokens=1)
     records = read_records(out / "samples")
     if not records:
         return {"ok": False, "error": f"no samples recorded under {out / 'samples'}"}
     s_side = student_side(load_hf_tokenizer(student))
-    t_side = build_teacher(t_cfg, check_teacher(t_cfg), name="teacher",
-                           device=torch.device("cpu"), max_batch_tokens=1)
+    t_side = teacher_side(t_cfg, check_teacher(t_cfg), max_batch_tokens=1)
     exs = [Example(r["messages"]) for r in records]
     old = [torch.tensor(r["rollout_logprobs"], dtype=torch.float64) for r in records]
     responses = [np.asarray(r["response_ids"], dtype=np.int64) for r in records]
     native = score_rollouts(s_side, {"teacher": t_side}, exs, [r["prompt_ids"] for r in records],
-                            responses, old_logps=old, credit_rule=settings.credit_rule,
-                            special_penalty=settings.special_token_penalty(),
-                            max_batch_tokens=1)
+                            responses, settings, old_logps=old)
     d_teacher, d_targets, mask_equal = 0.0, 0.0, True
     for r, req, lp, o in zip(records, native.requests, native.teacher_logps, old):
         run_lp = None if r["teacher_logprobs"] is None else np.asarray(r["teacher_logprobs"])
@@ -72,8 +71,7 @@ def compare(out: Path, student: str, t_cfg: TeacherConfig, logged: dict[str, flo
         if lp is not None:
             d_teacher = max(d_teacher, float(np.abs(lp - run_lp).max()))
         c = credit_targets(req, run_lp, o.numpy(), s_side.vocab, t_side.vocab,
-                           rule=settings.credit_rule,
-                           special_penalty=settings.special_token_penalty())
+                           rule=settings.credit, special_penalty=settings.penalty)
         ours, theirs = c.targets, _nan(r["targets"])
         mask_equal &= bool(np.array_equal(~np.isnan(ours), np.asarray(r["response_mask"]) == 1))
         mask_equal &= bool(np.array_equal(np.isnan(ours), np.isnan(theirs)))

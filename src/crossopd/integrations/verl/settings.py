@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from crossopd.config import ConfigError, TeacherConfig, build_section
-from crossopd.credit import get_rule
+from crossopd.run.config import ConfigError, TeacherConfig, build_section
+from crossopd.step.loss import LossConfig
+from crossopd.step.settings import StepSettings
 
 SAMPLER_PATH = "pkg://crossopd.integrations.verl.sampler"
 SAMPLER_NAME = "CrossOPDReplayBuffer"
@@ -51,9 +52,6 @@ class VerlSettings:
     # JSON line each (the smoke command recomputes them with the native step library)
     record_dir: str | None = None
 
-    def special_token_penalty(self) -> float | None:
-        return self.special_penalty if self.special_tokens == "penalize" else None
-
     @property
     def own_teacher(self) -> bool:
         """crossopd's own teacher scores (mode ``advantage``), not verl's pool (``pool``)."""
@@ -75,12 +73,9 @@ def settings_from(config: Any) -> VerlSettings:
     raw = _section(config, "crossopd")
     data = OmegaConf.to_container(raw, resolve=True) if raw is not None else {}
     settings = build_section(VerlSettings, data or {}, "crossopd.")
-    try:
-        get_rule(settings.credit_rule)
-    except ValueError as e:
-        raise ConfigError(f"crossopd.credit_rule: {e}") from e
     if settings.special_tokens not in ("penalize", "mask"):
         raise ConfigError(f"crossopd.special_tokens {settings.special_tokens!r}: penalize or mask")
+    step_settings(config, settings)  # the credit rule resolves, or the launch stops here
     t = settings.teacher
     for name, each in settings.teachers.items():
         if bool(each.model) == bool(each.urls):
@@ -96,6 +91,26 @@ def settings_from(config: Any) -> VerlSettings:
                           "HTTP teacher) or distillation.enabled=True with "
                           "distillation.teacher_models.teacher_model.model_path (verl's pool)")
     return settings
+
+
+def step_settings(config: Any, settings: VerlSettings) -> StepSettings:
+    """The step settings of a verl launch: the ``crossopd:`` section's, verl's rollout sampling
+    (``actor_rollout_ref.rollout``) and its actor's clip, which verl's loss applies."""
+    from omegaconf import OmegaConf
+
+    def key(path: str, default: Any) -> Any:
+        value = OmegaConf.select(config, f"actor_rollout_ref.{path}", default=default)
+        return default if value is None else value
+
+    return StepSettings.build(
+        settings.credit_rule, where="crossopd.",
+        loss=LossConfig(clip_low=key("actor.clip_ratio_low", 0.2),
+                        clip_high=key("actor.clip_ratio_high", 0.2),
+                        dual_clip=key("actor.clip_ratio_c", 3.0), adv_clamp=settings.adv_clamp),
+        special_tokens=settings.special_tokens, special_penalty=settings.special_penalty,
+        temperature=key("rollout.temperature", 1.0), top_p=key("rollout.top_p", 1.0),
+        max_new_tokens=key("rollout.response_length", 512),
+        samples_per_prompt=key("rollout.n", 1), max_batch_tokens=settings.max_batch_tokens)
 
 
 def pool_teacher(config: Any) -> Any:

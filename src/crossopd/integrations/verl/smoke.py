@@ -200,7 +200,7 @@ def run_verl(args: list[str], out: Path, timeout: float, device: str = "cpu") ->
 def teacher_format(teacher: str, args: argparse.Namespace) -> dict[str, str]:
     """The teacher's prompt format keys: none for a chat model, ``PLAIN`` (or the given one)
     for a base model without a chat template."""
-    from crossopd.hub import load_hf_tokenizer
+    from crossopd.models.hub import load_hf_tokenizer
 
     if args.teacher_plain_template:
         return {"plain_template": args.teacher_plain_template, "stop": args.teacher_stop}
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    from crossopd.hub import model_source, quiet_hf
-    from crossopd.prompts import load_examples
+    from crossopd.models.hub import model_source, quiet_hf
+    from crossopd.step.data import load_examples
 
     quiet_hf()
     script = Path(args.launch) if args.launch else EXAMPLES / SCRIPTS[args.teacher_mode]
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=30)
     result = summarise(out, args.teacher_mode, returncode)
     if returncode == 0 and args.teacher_mode != "builtin":
-        from crossopd.config import TeacherConfig
         from crossopd.integrations.verl.native import compare
+        from crossopd.run.config import TeacherConfig
 
         result["native"] = compare(out, student, TeacherConfig(model=teacher, **fmt),
                                    result["opd"])

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crossopd.bridge import Message, TeacherRequest
-from crossopd.credit import CreditSpec
-from crossopd.opd import SampleCredit, credit_targets
-from crossopd.prompts import Example
-from crossopd.sides import StudentSide, TeacherSide
-from crossopd.stats import StepStats
-from crossopd.teaching import teacher_requests
+from crossopd.step.bridge import Message, TeacherRequest
+from crossopd.step.data import Example
+from crossopd.step.score import SampleCredit, credit_targets
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import StudentSide, TeacherSide
+from crossopd.step.stats import StepStats
+from crossopd.step.teaching import teacher_requests
 
 
 class TrajectoryError(ValueError):
@@ -70,17 +70,16 @@ def bridge_request(student: StudentSide, teacher: TeacherSide, messages: list[Me
 
 def verl_targets(student: StudentSide, teacher: TeacherSide, req: TeacherRequest,
                  prompt_ids: Sequence[int], response_ids: Sequence[int],
-                 rollout_logps: Sequence[float], teacher_logps: np.ndarray | None, *,
-                 rule: CreditSpec = "proportional",
-                 special_penalty: float | None = None) -> VerlTargets:
+                 rollout_logps: Sequence[float], teacher_logps: np.ndarray | None,
+                 settings: StepSettings) -> VerlTargets:
     """Credit on the rollout log-probs, laid out as verl's teacher fields."""
     old = np.asarray(rollout_logps, dtype=np.float64)
     if old.shape != (len(response_ids),):
         raise ValueError(f"crossopd: {old.size} rollout log-probs for {len(response_ids)} "
                          "response tokens; set actor_rollout_ref.rollout.calculate_log_probs="
                          "True")
-    credit = credit_targets(req, teacher_logps, old, student.vocab, teacher.vocab, rule=rule,
-                            special_penalty=special_penalty)
+    credit = credit_targets(req, teacher_logps, old, student.vocab, teacher.vocab,
+                            rule=settings.credit, special_penalty=settings.penalty)
     stats = StepStats()
     stats.add(credit.alignment, req, old, credit.kl_targets,
               penalized=int(credit.penalized.sum()))

@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossopd.bridge import ChatFormat
-from crossopd.config import ConfigError
-from crossopd.integrations.verl.settings import VerlSettings, pool_teacher, settings_from
+from crossopd.core.tokens import ByteVocab
+from crossopd.integrations.verl.settings import (
+    VerlSettings,
+    pool_teacher,
+    settings_from,
+    step_settings,
+)
 from crossopd.integrations.verl.targets import (
     as_messages,
     bridge_request,
@@ -27,10 +31,20 @@ from crossopd.integrations.verl.targets import (
     teacher_span,
     verl_targets,
 )
-from crossopd.sides import DEFAULT_TEACHER, StudentSide, TeacherSide
-from crossopd.stats import TEACHER_STATS, StepStats, timed
-from crossopd.teaching import score_requests
-from crossopd.tokens import ByteVocab
+from crossopd.models.hub import resolve_device
+from crossopd.run.config import ConfigError
+from crossopd.step.bridge import ChatFormat
+from crossopd.step.loss import advantages
+from crossopd.step.settings import StepSettings
+from crossopd.step.sides import (
+    DEFAULT_TEACHER,
+    StudentSide,
+    TeacherSide,
+    build_teachers,
+    check_teachers,
+)
+from crossopd.step.stats import TEACHER_STATS, StepStats, timed
+from crossopd.step.teaching import score_requests
 
 STATS_FIELD = "crossopd_stats"
 TIME = "time/"  # a count of STATS_FIELD that is seconds of crossopd's work on the sample
@@ -62,6 +76,7 @@ class TeacherStep:
     student: StudentSide
     teachers: dict[str, TeacherSide]
     settings: VerlSettings
+    step: StepSettings
     pool: Any = None  # verl's AsyncTeacherLLMServerManager when verl's replicas score
     # how the signal reaches verl: "advantage" (the token-level reward) or "pool" (the targets
     # in the teacher fields, for the crossopd distillation loss); settings.mode by default
@@ -107,8 +122,7 @@ class TeacherStep:
         with timed(times, "align_credit"):
             t = verl_targets(self.student, teacher, req, output.prompt_ids,
                              output.response_ids, output.response_logprobs or [], t_lp,
-                             rule=self.settings.credit_rule,
-                             special_penalty=self.settings.special_token_penalty())
+                             self.step)
         output.response_mask = t.response_mask
         output.extra_fields[STATS_FIELD] = {"teacher": teacher.name, **t.stats.totals,
                                             **{f"{TIME}{k}": v for k, v in times.items()}}
@@ -118,11 +132,9 @@ class TeacherStep:
             output.extra_fields["teacher_ids"] = t.teacher_ids
             output.extra_fields["teacher_logprobs"] = t.teacher_logprobs
             return None
-        q = torch.from_numpy(t.credit.targets)
         old = torch.as_tensor(output.response_logprobs, dtype=torch.float64)
-        signal = ~torch.isnan(q)
-        adv = torch.where(signal, q - old, torch.zeros_like(old))
-        return adv.clamp(-self.settings.adv_clamp, self.settings.adv_clamp).float()
+        adv, _ = advantages(torch.from_numpy(t.credit.targets), old, self.step.loss.adv_clamp)
+        return adv.float()
 
 
 def record(directory: str, kwargs: dict, messages: list, output: Any, teacher_logps: Any,
@@ -154,20 +166,16 @@ def student_side(tokenizer: Any) -> StudentSide:
 
 def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
     """The worker's teacher step from a verl config and the student's tokenizer."""
-    from crossopd.build import build_teacher, check_teacher, resolve_device
-
     settings = settings_from(config)
+    step = step_settings(config, settings)
     t_cfg = settings.teacher
     student = student_side(tokenizer)
     own = settings.teachers or ({DEFAULT_TEACHER: t_cfg} if settings.own_teacher else {})
     if own:
-        tokenizers = {name: check_teacher(t) for name, t in own.items()}  # all before models
-        teachers = {name: build_teacher(t, tokenizers[name], name=name,
-                                        device=resolve_device("auto"),
-                                        max_batch_tokens=settings.max_batch_tokens)
-                    for name, t in own.items()}
-        return TeacherStep(student, teachers, settings)
-    from crossopd.hub import load_hf_tokenizer
+        teachers = build_teachers(own, check_teachers(own), device=resolve_device("auto"),
+                                  max_batch_tokens=settings.max_batch_tokens)
+        return TeacherStep(student, teachers, settings, step)
+    from crossopd.models.hub import load_hf_tokenizer
 
     spec = pool_teacher(config)
     inference = spec.get("inference") or {}
@@ -178,7 +186,7 @@ def teacher_step(config: Any, tokenizer: Any, pool: Any = None) -> TeacherStep:
     teacher = TeacherSide.from_tokenizer(None, t_tok, fmt=fmt)  # type: ignore[arg-type]
     rollout = config.actor_rollout_ref.rollout
     pool_context_check(teacher, student, limit, rollout.prompt_length, rollout.response_length)
-    return TeacherStep(student, {DEFAULT_TEACHER: teacher}, settings, pool=pool)
+    return TeacherStep(student, {DEFAULT_TEACHER: teacher}, settings, step, pool=pool)
 
 
 def opd_metrics(stats: Any) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""The ``crossopd`` command line: one module per command."""

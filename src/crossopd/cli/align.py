@@ -1,0 +1,75 @@
+"""``crossopd align``: the chunk alignment of one text under two tokenizers, in the terminal,
+as JSON or as an HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from crossopd import bundled
+
+
+def tokenizer_help() -> str:
+    return (
+        "tokenizer: HF directory or hub id, .gguf, tiktoken or SentencePiece .model, Tekken "
+        f".json, or a bundled name ({', '.join(bundled.BUNDLED)})"
+    )
+
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from crossopd import ByteVocab
+    from crossopd.cli.view import alignment_json, chunk_rows, render_html, render_terminal
+    from crossopd.core.align import align_text
+
+    if args.file is not None:
+        data = Path(args.file).read_bytes()
+    else:
+        data = args.text.encode("utf-8")
+    sv = ByteVocab.from_pretrained(args.student)
+    tv = ByteVocab.from_pretrained(args.teacher)
+    s_ids, t_ids, a = align_text(data, sv, tv)
+    rows = chunk_rows(a, s_ids, t_ids, sv, tv)
+    stats = a.stats()
+    if args.html:
+        Path(args.html).write_text(
+            render_html(rows, stats, args.student, args.teacher), encoding="utf-8"
+        )
+    if args.json:
+        print(
+            json.dumps(alignment_json(rows, stats, args.student, args.teacher), ensure_ascii=False)
+        )
+    else:
+        color = sys.stdout.isatty() and not args.no_color
+        print(
+            f"student {args.student} ({sv.kind}, {sv.vocab_size} ids)  vs  "
+            f"teacher {args.teacher} ({tv.kind}, {tv.vocab_size} ids)"
+        )
+        print(render_terminal(rows, stats, color=color, max_rows=args.max_rows))
+        if args.html:
+            print(f"HTML view written to {args.html}")
+    return 0
+
+
+def add_align_parser(sub: Any) -> argparse.ArgumentParser:
+    """The ``align`` subparser on ``sub`` (an ``add_subparsers`` result)."""
+    a = sub.add_parser(
+        "align",
+        help="show the chunk alignment of one text under two tokenizers",
+        description="Tokenize TEXT with the student, spell the same bytes with the "
+        "teacher, and show the Dual-Pointer Chunk Alignment.",
+    )
+    a.add_argument("--student", required=True, help="student " + tokenizer_help())
+    a.add_argument("--teacher", required=True, help="teacher " + tokenizer_help())
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the response text")
+    src.add_argument("--file", help="read the response bytes from this file (any bytes)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.add_argument("--html", metavar="OUT", help="also write an HTML view to OUT")
+    a.add_argument("--max-rows", type=int, default=200, help="chunk rows shown in the terminal")
+    a.add_argument("--no-color", action="store_true", help="no ANSI colours")
+    a.set_defaults(func=cmd_align)
+    return a
