@@ -63,7 +63,8 @@ def test_tokenizers_disagree_on_digit_boundaries_but_align_exactly():
 def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
     r = bench_learn("tiny", out_dir=tmp_path / "out", progress=lambda m: None)
-    assert set(r["arms"]) == set(ARMS) and {"opd_cross_chunk", "uld", "opd_oracle"} <= set(ARMS)
+    assert set(r["arms"]) == set(ARMS)
+    assert {"opd_cross_chunk", "uld", "opd_oracle", "opd_cross_1to1"} <= set(ARMS)
     assert set(r["ratio_cross_oracle"]) >= {"value", "ci_low", "ci_high"}
     for arm in r["arms"]:
         a = r["arms"][arm]
@@ -72,14 +73,19 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
         assert a["student_tokens"] >= (0 if arm == "untrained" else 600)
     assert 0.0 < r["one_to_one_share"] <= 1.0
     assert set(r["ratio_cross_same"]) >= {"value", "ci_low", "ci_high"}
-    assert set(r["cross_minus_sft"]) >= {"value", "ci_low", "ci_high"}
+    for key in ("cross_minus_sft", "cross_minus_oracle", "one_to_one_minus_cross",
+                "ratio_1to1_oracle"):
+        assert set(r[key]) >= {"value", "ci_low", "ci_high", "half_width"}, key
+    # the 1:1-only arm trains on fewer tokens than it samples: the m:n ones, counted
+    assert r["arms"]["opd_cross_1to1"]["m_n_masked_tokens"] > 0
     assert set(r["teachers"]) >= {"teacher_x", "teacher_s", "matched", "pairs", "source"}
     assert r["teachers"]["source"] == "trained"  # the tiny preset has no shipped pairs
     assert [t["pair"] for t in r["teachers"]["pairs"]] == [0, 1]
     assert len(r["by_pair"]) == 2
     runs = r["arms"]["opd_oracle"]["acc_per_seed"]
     assert len(runs) == 4  # 2 pairs x 2 seeds
-    assert set(r["power"]["statistics"]) == {"ratio_cross_oracle", "cross_minus_sft"}
+    assert set(r["power"]["statistics"]) == {"ratio_cross_oracle", "cross_minus_oracle",
+                                             "cross_minus_sft"}
     assert isinstance(r["power"]["readable"], bool)
     assert r["machine"]["cpu"] and r["machine"]["torch"]
     from crossopd.bench.learn_stats import render_learn_table
@@ -163,16 +169,23 @@ def test_two_level_bootstrap_puts_the_teacher_draw_inside_the_interval():
 def test_power_compares_half_widths_with_their_targets():
     from crossopd.bench.learn_stats import POWER_TARGETS, power
 
-    wide = {"ratio_cross_oracle": {"half_width": 0.30}, "cross_minus_sft": {"half_width": 0.02}}
+    wide = {"ratio_cross_oracle": {"half_width": 0.30}, "cross_minus_oracle": {"half_width": 0.04},
+            "cross_minus_sft": {"half_width": 0.02}}
     p = power(wide, runs=6)
-    assert POWER_TARGETS == {"ratio_cross_oracle": 0.15, "cross_minus_sft": 0.01}
+    assert POWER_TARGETS == {"ratio_cross_oracle": 0.15, "cross_minus_oracle": 0.02,
+                             "cross_minus_sft": 0.01}
     assert not p["readable"] and not p["statistics"]["ratio_cross_oracle"]["met"]
     # half-width / target = 2: four times the runs, were it to shrink as 1/sqrt(runs)
-    assert [d["runs_for_target"] for d in p["statistics"].values()] == [24, 24]
-    narrow = {"ratio_cross_oracle": {"half_width": 0.1}, "cross_minus_sft": {"half_width": 0.01}}
+    assert [d["runs_for_target"] for d in p["statistics"].values()] == [24, 24, 24]
+    narrow = {"ratio_cross_oracle": {"half_width": 0.1}, "cross_minus_oracle": {"half_width": 0.01},
+              "cross_minus_sft": {"half_width": 0.01}}
     assert power(narrow, runs=6)["readable"]
+    # the gap's cost read either way: a narrow difference is enough beside a wide ratio
+    either = {**narrow, "ratio_cross_oracle": {"half_width": 0.3}}
+    assert power(either, runs=6)["readable"]
     # a statistic that did not run (an arms= subset) neither meets nor fails its target
-    partial = {"ratio_cross_oracle": {"value": None}, "cross_minus_sft": {"half_width": 0.005}}
+    partial = {"ratio_cross_oracle": {"value": None}, "cross_minus_oracle": {"value": None},
+               "cross_minus_sft": {"half_width": 0.005}}
     q = power(partial, runs=2)
     assert q["statistics"]["ratio_cross_oracle"]["met"] is None and q["readable"]
 

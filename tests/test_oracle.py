@@ -306,3 +306,37 @@ def test_oracle_arm_trains_on_the_oracles_targets(models):
     # not the credit rule's targets: the chunks that are not 1:1 differ
     assert any(not np.allclose(np.nan_to_num(q.numpy()), np.nan_to_num(c.numpy()))
                for q, c in zip(arm.targets, scored.targets))
+
+
+def test_one_to_one_arm_keeps_the_signal_of_1to1_chunks_only(models):
+    """opd_cross_1to1's step data: the proportional targets on tokens of 1:1 chunks (there the
+    teacher's log-prob of the one token), no signal on tokens of m:n chunks, each of them
+    counted; advantages clamp(q - old) where a signal is left."""
+    from crossopd.bench.learn_arms import one_to_one_scored
+
+    student, teachers = sides(models)
+    examples = [Example([{"role": "user", "content": p}], str(a))
+                for p, _, a in make_split(6, 11)]
+    torch.manual_seed(2)
+    settings = StepSettings.build(max_new_tokens=12)
+    scored = rollout_and_score(student, teachers, examples, settings)
+    arm, dropped = one_to_one_scored(scored, settings.loss.adv_clamp)
+    counted = 0
+    for q, full, a, adv, v, old in zip(arm.targets, scored.targets, scored.alignments,
+                                       arm.advantages, arm.signal, arm.old_logps):
+        # the loop definition: chunk sizes on both sides, token by token
+        one = np.zeros(len(q), dtype=bool)
+        for i, c in enumerate(a.student_chunk):
+            if c >= 0:
+                one[i] = (a.student_chunk == c).sum() == 1 and (a.teacher_chunk == c).sum() == 1
+        full_np, q_np = full.numpy(), q.numpy()
+        m_n = (a.student_chunk >= 0) & ~one & ~np.isnan(full_np)
+        counted += int(m_n.sum())
+        assert np.isnan(q_np[m_n]).all()
+        np.testing.assert_array_equal(q_np[~m_n], full_np[~m_n])
+        ok = ~np.isnan(q_np)
+        assert v.numpy().tolist() == ok.tolist()
+        np.testing.assert_allclose(adv.numpy()[ok], np.clip(q_np[ok] - old.numpy()[ok],
+                                                            -settings.loss.adv_clamp,
+                                                            settings.loss.adv_clamp))
+    assert dropped == counted > 0 and arm.stats == scored.stats

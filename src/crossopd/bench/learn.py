@@ -47,8 +47,10 @@ from crossopd.files import atomic_write_text
 CROSS_RULES = tuple(BUILTIN_RULES)  # proportional, uniform, last, chunk
 # opd_oracle: the cross-family teacher's exact byte-marginal targets (its knowledge without the
 # chunk credit guess); opd_same: a separately trained same-tokenizer teacher
-ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_oracle", "opd_same",
-        "uld")
+# opd_cross_1to1: proportional credit on the 1:1 chunks only (m:n chunks get no signal, counted):
+# what the m:n chunks' credit adds, or costs
+ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_cross_1to1",
+        "opd_oracle", "opd_same", "uld")
 
 
 # ------------------------------------------------------------------------------ presets
@@ -255,6 +257,9 @@ def run_arm(arm: str, models: dict, preset: Preset, seed: int, train_set, test_s
                        oracle=True)
     if arm == "opd_same":
         return run_opd(models, "teacher_s", "proportional", preset, seed, train_set, test_set)
+    if arm == "opd_cross_1to1":
+        return run_opd(models, "teacher_x", "proportional", preset, seed, train_set, test_set,
+                       one_to_one=True)
     return run_opd(models, "teacher_x", arm.removeprefix("opd_cross_"), preset, seed,
                    train_set, test_set)
 

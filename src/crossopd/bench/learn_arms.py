@@ -45,10 +45,11 @@ def checkpoint(curve: list, tokens: int, student: Any, tok: Any, test_set,
 
 
 def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
-            train_set, test_set, oracle: bool = False) -> dict:
+            train_set, test_set, oracle: bool = False, one_to_one: bool = False) -> dict:
     """OPD from ``teacher_key`` with credit ``rule``; ``oracle``: trained on the teacher's exact
     byte-marginal log-prob of every student token instead (``oracle_scored``), the same
-    teacher's knowledge without the chunk credit guess."""
+    teacher's knowledge without the chunk credit guess; ``one_to_one``: signal on 1:1 chunks
+    only (``one_to_one_scored``), the m:n chunks' tokens counted in ``m_n_masked_tokens``."""
     student, s_tok = models["student"]
     student = copy.deepcopy(student)
     teacher, t_tok = models[teacher_key]
@@ -59,7 +60,7 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokens, curve, shares, points = 0, [], [], curve_points(preset)
+    tokens, curve, shares, points, masked = 0, [], [], curve_points(preset), 0
     while tokens < preset.budget_tokens:
         batch = [Example([{"role": "user", "content": p}], str(a))
                  for p, _, a in rng.sample(train_set, preset.opd_batch)]
@@ -67,14 +68,18 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
         if prefix is not None:
             scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
                                    settings.penalty, settings.loss.adv_clamp)
+        if one_to_one:
+            scored, dropped = one_to_one_scored(scored, settings.loss.adv_clamp)
+            masked += dropped
         update(s_side, scored, opt, sched, settings)
         tokens += int(scored.stats["response_tokens"])
         shares.append(scored.stats["one_to_one_share"])
         while points and tokens >= points[0]:
             correct = checkpoint(curve, tokens, student, s_tok, test_set, preset)
             points.pop(0)
-    return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
-            "one_to_one_share": float(np.mean(shares))}
+    out = {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
+           "one_to_one_share": float(np.mean(shares))}
+    return {**out, "m_n_masked_tokens": masked} if one_to_one else out
 
 
 def teacher_samples(models: dict, preset: Any, seed: int, train_set) -> list[tuple]:
@@ -170,3 +175,19 @@ def oracle_scored(scored: Scored, prefix: PrefixLogprobs, sv: Any, tv: Any,
         advs.append(a)
         signal.append(v)
     return dataclasses.replace(scored, targets=qs, advantages=advs, signal=signal)
+
+
+def one_to_one_scored(scored: Scored, clamp: float) -> tuple[Scored, int]:
+    """``scored`` with a signal on 1:1 chunks only: the tokens of m:n chunks get none (their
+    targets NaN, advantages recomputed), and how many had one is returned; special-token
+    penalties (on unaligned tokens) and everything else as scored."""
+    qs, advs, signal, dropped = [], [], [], 0
+    for q, a, old in zip(scored.targets, scored.alignments, scored.old_logps):
+        drop = torch.from_numpy((a.student_chunk >= 0) & ~a.student_one_to_one) & ~torch.isnan(q)
+        dropped += int(drop.sum())
+        q = torch.where(drop, torch.full_like(q, float("nan")), q)
+        adv, valid = advantages(q, old, clamp)
+        qs.append(q)
+        advs.append(adv)
+        signal.append(valid)
+    return dataclasses.replace(scored, targets=qs, advantages=advs, signal=signal), dropped

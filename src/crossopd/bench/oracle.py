@@ -264,13 +264,6 @@ def answer_tokens(sv: ByteVocab, response: np.ndarray) -> np.ndarray:
     return (eq >= 0) & (ends - lens > eq) & (ends <= run) & (lens > 0)
 
 
-def _one_to_one_tokens(a: Alignment) -> np.ndarray:
-    s_sizes = np.bincount(a.student_chunk[a.student_chunk >= 0], minlength=a.num_chunks)
-    t_sizes = np.bincount(a.teacher_chunk[a.teacher_chunk >= 0], minlength=a.num_chunks)
-    one = np.append((s_sizes == 1) & (t_sizes == 1), False)  # index -1: unaligned
-    return one[a.student_chunk]
-
-
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     ok = x.size > 1 and x.std() > 0 and y.std() > 0
     return float(np.corrcoef(x, y)[0, 1]) if ok else None
@@ -314,7 +307,7 @@ def diagnose(models: dict[str, tuple[Any, Any]], preset: TaskSizes, n_rollouts: 
     old = np.concatenate([o.numpy() for o in scored.old_logps])
     adv_o = np.clip(np.concatenate(oracle) - old, -clamp, clamp)
     has = ~np.isnan(adv_o)
-    multi = has & ~np.concatenate([_one_to_one_tokens(a) for a in aligns])
+    multi = has & ~np.concatenate([a.student_one_to_one for a in aligns])
     answer = has & np.concatenate([answer_tokens(sv, r) for r in responses])
     gaps = []  # log f(chunk bytes) - L_T: teacher mass on spellings other than its own
     for a, o, t_lp, r in zip(aligns, oracle, t_lps, responses):

@@ -120,6 +120,16 @@ class Alignment:
         return self.counts["one_to_one_chunks"] / self.num_chunks if self.num_chunks else 1.0
 
     @property
+    def student_one_to_one(self) -> np.ndarray:
+        """Per student token: whether its chunk is one student token against one teacher token
+        (plain per-token OPD there); False for unaligned tokens."""
+        s_chunk, t_chunk, n = self.student_chunk, self.teacher_chunk, self.num_chunks
+        s_sizes = np.bincount(s_chunk[s_chunk >= 0], minlength=n)
+        t_sizes = np.bincount(t_chunk[t_chunk >= 0], minlength=n)
+        one = np.append((s_sizes == 1) & (t_sizes == 1), False)  # index -1: unaligned
+        return one[s_chunk]
+
+    @property
     def unaligned_student_tokens(self) -> int:
         return self.counts["unaligned_student_tokens"]
 
