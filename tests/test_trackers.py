@@ -71,6 +71,9 @@ def test_tensorboard_scalars_equal_the_metrics_files(tiny, tmp_path, engine, mon
     if engine == "trl":  # TRL's own per-optimizer-step keys, in the same directory
         losses = {r["step"]: r["loss"] for r in _rows(out / "metrics.jsonl")}
         assert tb["train/loss"] == pytest.approx(losses)
+        import os
+
+        assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # this run's value did not outlive it
 
 
 def _wandb_history(run_file: Path) -> list[dict]:

@@ -157,16 +157,23 @@ class TRLEngine:
                                     "without --resume")
         if args.use_vllm and args.use_cpu:
             keep_vllm_cpu_weights()
-        if "tensorboard" in (args.report_to or []):
-            # TRL's own keys go into the run's TensorBoard directory, beside crossopd's
-            os.environ.setdefault("TENSORBOARD_LOGGING_DIR",
-                                  str(run.out_dir / TENSORBOARD_DIR))
-        self.trainer = OPDTrainer(model=run.student.model, args=args,
-                                  train_dataset=as_dataset(run.examples),
-                                  processing_class=run.student.tokenizer,
-                                  peft_config=lora_config(cfg), teachers=run.teachers,
-                                  teacher_mix=cfg.teacher_mix or None,
-                                  student=run.student)
+        # TRL's own keys go into the run's TensorBoard directory, beside crossopd's: the
+        # callback reads the variable when the trainer is built, and this run's value must not
+        # outlive it (a second run in the process has its own directory)
+        saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.out_dir / TENSORBOARD_DIR)
+        try:
+            self.trainer = OPDTrainer(model=run.student.model, args=args,
+                                      train_dataset=as_dataset(run.examples),
+                                      processing_class=run.student.tokenizer,
+                                      peft_config=lora_config(cfg), teachers=run.teachers,
+                                      teacher_mix=cfg.teacher_mix or None,
+                                      student=run.student)
+        finally:
+            if saved is None:
+                os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+            else:
+                os.environ["TENSORBOARD_LOGGING_DIR"] = saved
         check_zero3_gather(self.trainer.accelerator)
         note = fsdp_fallback_note(self.trainer.accelerator)
         if note and run.main:

@@ -137,8 +137,6 @@ class StepSettings:
         if settings.special_tokens not in SPECIAL_TOKEN_POLICIES:
             raise ConfigError(f"{where}special_tokens {settings.special_tokens!r}: one of "
                               f"{', '.join(SPECIAL_TOKEN_POLICIES)}")
-        if settings.mix is not None and not settings.mix:
-            object.__setattr__(settings, "mix", None)
         return settings
 
     @property
