@@ -1,7 +1,7 @@
-"""A run survives its teacher: serve-teacher killed during step 2 and restarted 20 s later, the
-run waits (teacher.patience_s), finishes every step, and its metrics equal an undisturbed run's;
-past the patience it saves the last completed step, exits non-zero saying --resume, and the
-resumed run is exact."""
+"""A run survives its teacher: serve-teacher killed during step 2 and restarted 5 s later (plus
+its start-up), the run waits (teacher.patience_s), finishes every step, and its metrics equal an
+undisturbed run's; past the patience it saves the last completed step, exits non-zero saying
+--resume, and the resumed run is exact."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_teacher_restart_mid_run_is_waited_for(tiny, tmp_path, undisturbed):
     server = _serve(tiny["teacher"], port)
     run = _train(tiny, tmp_path / "run", port, "teacher.patience_s=120")
     _kill_after_requests(server, 2)  # step 1 is two requests: the kill lands in step 2
-    time.sleep(20)
+    time.sleep(5)
     server = _serve(tiny["teacher"], port)
     try:
         out, err = run.communicate(timeout=600)
@@ -141,7 +141,7 @@ def test_teacher_started_after_the_trainer_is_waited_for(tiny, tmp_path):
     out = tmp_path / "run"
     run = _train(tiny, out, port, "teacher.served_name=tiny-teacher", "steps=1",
                  "rollout.max_new_tokens=8", "teacher.patience_s=120")
-    time.sleep(15)
+    time.sleep(5)
     server = _serve(tiny["teacher"], port, "--name", "tiny-teacher")
     try:
         _, err = run.communicate(timeout=600)

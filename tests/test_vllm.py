@@ -83,6 +83,8 @@ def test_two_step_training_run_scored_by_vllm(vllm_teacher, tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "crossopd", "train", str(path), "--no-progress"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # vLLM's engine is shut down before the process group goes (before: a traceback at exit)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)
@@ -108,18 +110,29 @@ sys.exit(main())
 
 
 def student_with_another_eos(tmp_path: Path) -> Path:
-    """SmolLM2-135M-Instruct whose files name <|endoftext|> as its EOS while its chat template
-    ends a turn with <|im_end|>."""
-    import shutil
+    """A tiny Llama with SmolLM2's tokenizer whose files name <|endoftext|> as its EOS while its
+    chat template ends a turn with <|im_end|>. Its weights make <|im_end|> likely (the final
+    norm keeps one hidden dimension, which the output row of <|im_end|> reads with a large
+    weight), so completions end well before the length limit -- without the cost of SmolLM2
+    itself in vLLM's start-up on a CPU (compiling and profiling it took two minutes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    smol = gguf_model_dir(bundled.smollm2_gguf())
-    student = tmp_path / "student"
-    student.mkdir()
-    for f in smol.iterdir():
-        if f.suffix == ".safetensors":
-            (student / f.name).symlink_to(f)
-        else:
-            shutil.copy(f, student / f.name)
+    from crossopd.models.hub import load_hf_tokenizer
+
+    from tiny_models import tiny_model
+
+    tok = load_hf_tokenizer("smollm2")
+    student = tiny_model(tok, tmp_path / "student", seed=3, tie=False, heads=1)
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight[:, 0].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+        model.lm_head.weight[end_of_turn, 0] = 15.0
+    model.save_pretrained(student)
     for name in ("config.json", "generation_config.json"):
         spec = json.loads((student / name).read_text())
         spec["eos_token_id"] = 0  # <|endoftext|>
@@ -156,6 +169,8 @@ def test_trl_engine_with_vllm_colocate_rollouts(tiny, tmp_path):
                         str(path), "--no-progress"], capture_output=True, text=True,
                        timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    # vLLM's engine is shut down before the process group goes (before: a traceback at exit)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["signal_tokens"] > 0 and np.isfinite(row["loss"]) for row in rows)

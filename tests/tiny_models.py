@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 
 
-def tiny_model(tok, out: Path, seed: int, layers: int = 2) -> Path:
+def tiny_model(tok, out: Path, seed: int, layers: int = 2, tie: bool = True,
+               heads: int = 4) -> Path:
+    """Hidden size 32 with ``heads`` heads (vLLM's CPU attention needs a head size of 32 or
+    more: heads=1)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=min(2, heads),
+                      max_position_embeddings=512, tie_word_embeddings=tie,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out)

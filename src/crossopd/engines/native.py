@@ -103,3 +103,6 @@ class NativeEngine:
     def save_final(self, path: Path) -> None:
         if self.run.main:
             ckpt.save_final(path.parent, self.run.student.model, self.run.student.tokenizer)
+
+    def close(self) -> None:
+        """Nothing runs beside the native engine's training loop."""

@@ -225,6 +225,15 @@ class TRLEngine:
                             state_dict=state, base=self.run.cfg.student.model)
         acc.wait_for_everyone()
 
+    def close(self) -> None:
+        """A colocated vLLM engine is shut down before the process group goes: left to the
+        interpreter's exit, it tears down its group after ours is destroyed, and prints a
+        traceback ("Invalid process group specified") after a run that succeeded."""
+        generation = getattr(self.trainer, "vllm_generation", None)
+        llm = getattr(generation, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
 
 def sharded(accelerator: Any) -> bool:
     """Whether each process holds only a shard of the weights (ZeRO-3, FSDP)."""

@@ -84,6 +84,14 @@ class OPDConfig(GRPOConfig):
     remove_unused_columns: bool | None = False
     top_k: int = 0
 
+    def __post_init__(self) -> None:
+        # TRL turns bf16 on when it is unset. Without a GPU that means bf16 autocast on the CPU,
+        # which most x86 CPUs run in software: a step of docs/scale.md's example took 40 s
+        # instead of 8 s. Set bf16=True to have it anyway.
+        if self.bf16 is None and not self.fp16 and (self.use_cpu or not torch.cuda.is_available()):
+            self.bf16 = False
+        super().__post_init__()
+
     def step_settings(self, mix: Mapping[str, float] | None = None) -> StepSettings:
         """The step settings of this trainer: crossopd's fields, TRL's sampling and its clip
         (``epsilon``, ``epsilon_high``, dual clip ``delta``), which TRL's loss applies."""

@@ -79,6 +79,10 @@ class Engine(Protocol):
         """A complete Hugging Face model directory at ``path``. Called in every process (a
         sharded engine gathers the weights from all of them); the main process writes."""
 
+    def close(self) -> None:
+        """Stop what the engine started beside the trainer (a colocated vLLM engine), while
+        the process group it was built on still exists."""
+
 
 def heldout_eval(cfg: TrainConfig, student: StudentSide, teachers: dict[str, TeacherSide],
                  heldout: list[Example], samples: int = 3) -> dict:
@@ -196,6 +200,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         # next collective), so the checkpoint is written by all of them
         step, path = engine.save_progress()
         trackers.close()
+        engine.close()
         release_processes()
         raise TeacherError(f"{e} -- stopped; steps 1..{step} are saved in {path}: when the "
                            "teacher is back, run the same command with --resume") from e
@@ -207,6 +212,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
         report = write_report(out_dir)
     trackers.close()  # TensorBoard flushes every row; an interrupted W&B run ends at exit
+    engine.close()
     release_processes()
     return run_result(cfg, engine_name=cfg.engine, final_eval=final_eval, report=report)
 
