@@ -25,6 +25,7 @@ from crossopd.step.bridge import (
     TemplateError,
     build_teacher_request,
 )
+from crossopd.step.data import DataError, has_assistant_turns
 
 SAMPLE_TEXTS = (
     "The answer is 42. First, 17 + 25 = 42; then we check it twice.",
@@ -118,12 +119,22 @@ def check_data(path: str, s_fmt: ChatFormat | None, t_fmt: ChatFormat | None,
     return info
 
 
+def is_trajectory_file(path: str) -> bool:
+    try:
+        return has_assistant_turns(path)
+    except DataError:
+        return False  # not a json file of conversations: checked as prompts
+
+
 def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
                teacher_stop: str | None = None, scorer: Any = None,
                teacher_url: str | None = None, served_name: str | None = None,
-               data: str | None = None) -> dict:
+               data: str | None = None, tool_format: str | None = None) -> dict:
     """``scorer``: a loaded teacher (anything with ``score``) to measure ``format_costs``;
-    ``teacher_url`` / ``data``: also check a teacher server and a prompt file."""
+    ``teacher_url`` / ``data``: also check a teacher server and a prompt file (a file of
+    complete conversations with assistant turns is checked as trajectories, key
+    ``trajectories``); ``tool_format``: how a side whose template cannot render tool calls
+    writes them."""
     sv, tv = ByteVocab.from_pretrained(student), ByteVocab.from_pretrained(teacher)
     warnings: list[str] = []
     s_info, s_fmt = _side(student, sv, warnings, "student", None, None)
@@ -150,7 +161,16 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
     if server and server.get("max_model_len") and t_fmt:
         # a scoring request asks for one token beyond the prompt
         t_fmt = dataclasses.replace(t_fmt, max_length=int(server["max_model_len"]) - 1)
-    data_info = check_data(data, s_fmt, t_fmt, warnings) if data else None
+    data_info = trajectories = None
+    if data and s_fmt and t_fmt and is_trajectory_file(data):
+        from crossopd.cli.doctor_trajectories import check_trajectories
+
+        decoder = load_hf_tokenizer(teacher)
+        trajectories = check_trajectories(
+            data, s_fmt, t_fmt, sv, tv,
+            lambda ids: decoder.decode(ids, skip_special_tokens=False), warnings, tool_format)
+    elif data:
+        data_info = check_data(data, s_fmt, t_fmt, warnings)
     costs = None
     if scorer is not None and s_fmt and t_fmt:
         costs = format_costs(s_fmt, t_fmt, sv, tv, scorer)
@@ -166,6 +186,7 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
         "format_costs": costs,
         "teacher_server": server,
         "data": data_info,
+        "trajectories": trajectories,
         "warnings": warnings,
     }
 
@@ -235,6 +256,10 @@ def render_report(r: dict, student: str, teacher: str) -> str:
                      + "".join(f", longest {role} prompt {d[f'longest_{role}_prompt']} tokens"
                                for role in ("student", "teacher")
                                if f"longest_{role}_prompt" in d))
+    if r.get("trajectories") is not None:
+        from crossopd.cli.doctor_trajectories import trajectory_lines
+
+        lines += ["trajectories (per row):", *trajectory_lines(r["trajectories"]), ""]
     costs = r.get("format_costs")
     if costs:
         stop = "none" if costs["stop_chunk"] is None else f"{costs['stop_chunk']:.2f}"
@@ -286,7 +311,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     quiet_hf()
     report = doctor_pairs(args.student, args.teacher, args.teacher_template, args.teacher_stop,
                           score=args.score, device=args.device, teacher_url=args.teacher_url,
-                          served_name=args.served_name, data=args.data)
+                          served_name=args.served_name, data=args.data,
+                          tool_format=args.tool_format)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -319,7 +345,12 @@ def add_doctor_parser(sub: Any) -> argparse.ArgumentParser:
                      "it serves, its context length")
     doc.add_argument("--served-name", help="with --teacher-url: the model name it must serve")
     doc.add_argument("--data", help="also check a prompt file: rows, and the longest prompt "
-                     "against both contexts")
+                     "against both contexts; a file of complete conversations (assistant turns, "
+                     "tool calls, tool messages) is checked as trajectories: per row the "
+                     "assistant turns, environment and format tokens, coverage")
+    doc.add_argument("--tool-format", choices=["hermes"], default=None,
+                     help="how a side whose chat template cannot render tool calls writes "
+                     "them: hermes (<tool_call>{json}</tool_call> in the content)")
     doc.add_argument("--json", action="store_true", help="print one JSON object")
     doc.set_defaults(func=cmd_doctor)
     return doc

@@ -66,7 +66,8 @@ class NativeEngine:
             # hold if the teacher goes away in the middle of this step
             self.completed, self.rng = step, ckpt.rng_state()
             batch = step_examples(run.examples, step, cfg.batch_size, cfg.seed)
-            scored = rollout_and_score(student, run.teachers, batch, settings)
+            scored = rollout_and_score(student, run.teachers, batch, settings,
+                                       toolbox=run.toolbox)
             times: dict[str, float] = {}
             with timed(times, "update"):
                 upd = update(student, scored, self.optimizer, self.scheduler, settings,

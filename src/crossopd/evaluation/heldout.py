@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from crossopd.step.data import Example
+from crossopd.step.multiturn import Toolbox
 from crossopd.step.rollout import rollout_and_score
 from crossopd.step.settings import StepSettings
 from crossopd.step.sides import StudentSide, Teachers
@@ -25,6 +26,7 @@ def evaluate(
     seed: int,
     samples: int = 3,
     samples_per_prompt: int = 1,
+    toolbox: Toolbox | None = None,
 ) -> dict:
     """Reverse KL per byte (teacher vs student on fresh student samples, ``samples_per_prompt``
     each; comparable across tokenizers), stop rate, accuracy when the data has answers
@@ -40,10 +42,12 @@ def evaluate(
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        s = rollout_and_score(student, teachers, examples, each)
+        s = rollout_and_score(student, teachers, examples, each, toolbox=toolbox)
     result = {key: v for key, v in s.stats.items() if not key.startswith(TIMING_PREFIX)}
-    texts = [student.vocab.concat_bytes(seq[a:b]).decode("utf-8", "replace")
-             for seq, (a, b) in zip(s.sequences, s.spans)]
+    # each rollout's last assistant turn: the whole response, or a trajectory's answer
+    last = {u.rollout: u for u in s.units}
+    texts = [student.vocab.concat_bytes(s.sequences[i][a + last[i].start:a + last[i].end])
+             .decode("utf-8", "replace") for i, (a, _) in enumerate(s.spans)]
     answers = [e.answer for e in examples]
     if any(a is not None for a in answers):
         # per prompt, the mean over its k samples (None: no answer): before/after pair up

@@ -90,9 +90,33 @@ def validate(cfg: Any) -> None:
             if on:
                 raise ConfigError(f"{key} needs engine: trl (the native engine samples with HF "
                                   "generate and trains all weights)")
+    check_tools(cfg)
     if cfg.student.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"student.dtype {cfg.student.dtype!r}: float32, bfloat16 or float16")
     check_report_to(cfg.report_to, cfg.engine)
+
+
+def check_tools(cfg: Any) -> None:
+    """Tools run in the native engine's multi-turn rollouts; a tool needs a second turn."""
+    r = cfg.rollout
+    has_tools = bool(r.tools or r.environment)
+    if r.max_turns < 1:
+        raise ConfigError(f"rollout.max_turns must be at least 1, got {r.max_turns}")
+    if has_tools and cfg.engine != "native":
+        raise ConfigError(f"rollout.tools / rollout.environment: engine {cfg.engine} does not "
+                          "run crossopd's tool rollouts yet; use engine: native")
+    if has_tools and r.max_turns < 2:
+        raise ConfigError("rollout.tools / rollout.environment need rollout.max_turns >= 2: "
+                          "the turn after a tool call is where its result is used")
+    if r.max_turns > 1 and not has_tools:
+        raise ConfigError(f"rollout.max_turns is {r.max_turns} but no rollout.tools or "
+                          "rollout.environment is set: a turn without a tool call ends the "
+                          "rollout")
+    for where, value in (("student.tool_format", cfg.student.tool_format),
+                         *((f"{w}.tool_format", t.tool_format)
+                           for w, t in teacher_keys(cfg).items())):
+        if value not in (None, "hermes"):
+            raise ConfigError(f"{where} {value!r}: hermes, or unset (the template's own)")
 
 
 def check_report_to(report_to: list[str], engine: str) -> None:

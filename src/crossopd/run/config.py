@@ -42,6 +42,7 @@ class StudentConfig:
     dtype: str = option("float32", "Compute dtype (autocast); master weights stay float32.")
     lora: LoraSettings | None = option(None, "Engine trl: {r, alpha, dropout, target_modules} "
                                              "(null: train every weight).")
+    tool_format: str | None = option(None, HELP["tool_format"])
 
 
 @dataclass
@@ -64,11 +65,20 @@ class RolloutConfig:
     backend: str = option("hf", "hf (HF generate) | vllm (engine trl: TRL's vLLM rollouts).")
     vllm_mode: str = option("colocate", "colocate | server (TRL's vllm_mode).")
     samples_per_prompt: int = option(1, "Responses sampled per prompt.")
-    max_new_tokens: int = option(64, "Longest response, in student tokens.")
+    max_new_tokens: int = option(64, "Longest response (of each assistant turn), in student "
+                                     "tokens.")
     temperature: float = option(1.0, "Sampling temperature (the update uses the same).")
     top_p: float = option(1.0, "Nucleus sampling.")
     special_tokens: str = option("penalize", HELP["special_tokens"])
     special_penalty: float = option(5.0, HELP["special_penalty"])
+    tools: list[str] = option(list, "Engine native: tools the student may call, as "
+                                    "`package.module:function` (TRL's tools: name, type hints "
+                                    "and docstring define each).")
+    environment: str | None = option(None, "Engine native: `package.module:Factory` of an "
+                                           "environment per rollout (TRL's environment_factory: "
+                                           "a reset method; its public methods are tools).")
+    max_turns: int = option(1, "Assistant turns of a rollout with tools (a turn without a tool "
+                               "call ends it).")
 
 
 @dataclass
@@ -173,7 +183,8 @@ def step_settings(cfg: TrainConfig) -> StepSettings:
         cfg.credit_rule, loss=cfg.loss, special_tokens=r.special_tokens,
         special_penalty=r.special_penalty, temperature=r.temperature, top_p=r.top_p,
         max_new_tokens=r.max_new_tokens, samples_per_prompt=r.samples_per_prompt,
-        max_batch_tokens=cfg.max_batch_tokens, mix=dict(cfg.teacher_mix) or None)
+        max_batch_tokens=cfg.max_batch_tokens, mix=dict(cfg.teacher_mix) or None,
+        max_turns=r.max_turns)
 
 
 def redact_secrets(data: dict) -> dict:

@@ -25,10 +25,11 @@ from crossopd.evaluation.summary import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.run import rundir
 from crossopd.run.config import TrainConfig, step_settings
-from crossopd.run.load import build_sides, load_splits
+from crossopd.run.load import build_sides, load_splits, load_toolbox
 from crossopd.run.registry import engine_for
 from crossopd.run.trackers import Trackers, tracker_names
 from crossopd.step.data import Example
+from crossopd.step.multiturn import Toolbox
 from crossopd.step.sides import StudentSide, TeacherSide
 from crossopd.teachers import TeacherError, status_line
 
@@ -50,6 +51,7 @@ class Run:
     heldout: list[Example]
     progress: bool = True
     main: bool = True  # this process writes the run directory (rank 0)
+    toolbox: Toolbox | None = None  # tools the rollouts may call (engine native)
 
     @property
     def out_dir(self) -> Path:
@@ -86,10 +88,11 @@ class Engine(Protocol):
 
 def heldout_eval(cfg: TrainConfig, student: StudentSide, teachers: dict[str, TeacherSide],
                  heldout: list[Example], samples: int = 3) -> dict:
-    """The held-out evaluation every run and ``crossopd eval`` report."""
+    """The held-out evaluation every run and ``crossopd eval`` report (with the run's tools:
+    graded on each rollout's last assistant turn)."""
     return evaluate(student, teachers, heldout, step_settings(cfg),
                     seed=cfg.seed + EVAL_SEED_OFFSET, samples=samples,
-                    samples_per_prompt=cfg.eval_samples)
+                    samples_per_prompt=cfg.eval_samples, toolbox=load_toolbox(cfg))
 
 
 def check_overflow(sequences: int, overflowed: int, where: str, cfg: TrainConfig) -> None:
@@ -146,7 +149,8 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     # generate() with the student, during training (TRL samples with the generation config)
     # and after it (final/), stops where rollouts stop: at the format's end-of-turn ids
     student.model.generation_config.eos_token_id = sorted(student.fmt.stop_ids)
-    run = Run(cfg, student, teachers, examples, heldout, progress=progress, main=main)
+    run = Run(cfg, student, teachers, examples, heldout, progress=progress, main=main,
+              toolbox=load_toolbox(cfg))
     trackers = Trackers(tracker_names(cfg.report_to) if main else [], out_dir, cfg.to_dict())
     metrics_path, eval_path = out_dir / "metrics.jsonl", out_dir / "eval.jsonl"
 

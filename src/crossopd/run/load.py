@@ -15,6 +15,7 @@ from crossopd.models.hub import load_hf_model, load_hf_tokenizer, resolve_device
 from crossopd.models.scoring import check_head
 from crossopd.run.config import ConfigError, TrainConfig
 from crossopd.step.data import DataError, Example, load_examples
+from crossopd.step.multiturn import Toolbox
 from crossopd.step.sides import (
     StudentSide,
     TeacherSide,
@@ -54,8 +55,9 @@ def build_student(cfg: TrainConfig, tokenizer: Any, device: torch.device,
         else []
     fmt = side_format(tokenizer, "student", cfg.student.model,
                   eos_ids=[*generation_eos(model), *extra])
-    return StudentSide.from_model(model, tokenizer, fmt=fmt, vocab=vocab,
+    side = StudentSide.from_model(model, tokenizer, fmt=fmt, vocab=vocab,
                                   compute_dtype=getattr(torch, cfg.student.dtype))
+    return dataclasses.replace(side, tool_format=cfg.student.tool_format)
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
@@ -108,3 +110,34 @@ def heldout_rows(rows: int, heldout_size: int, path: str) -> int:
                       "set data.heldout_size or data.heldout_path to choose", stacklevel=2)
         return cap
     return heldout_size
+
+
+def import_object(spec: str, key: str) -> Any:
+    """``package.module:name`` imported; a clear error naming ``key`` otherwise."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key}: {spec!r} is not an import path 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {type(e).__name__}: "
+                          f"{e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{key}: {module_name!r} has no {attr!r}") from None
+
+
+def load_toolbox(cfg: TrainConfig) -> Toolbox | None:
+    """The tools and environment factory of a run with tools (None without)."""
+    r = cfg.rollout
+    if not r.tools and not r.environment:
+        return None
+    tools = [import_object(t, "rollout.tools") for t in r.tools]
+    for spec, fn in zip(r.tools, tools):
+        if not callable(fn):
+            raise ConfigError(f"rollout.tools: {spec!r} is not a function")
+    env = import_object(r.environment, "rollout.environment") if r.environment else None
+    return Toolbox(tools, env)

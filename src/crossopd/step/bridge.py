@@ -18,7 +18,8 @@ import numpy as np
 from crossopd.core.align import Alignment, align, align_lengths
 from crossopd.core.tokens import ByteVocab
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; an assistant turn may have tool_calls instead
+ROLES = ("system", "user", "assistant", "tool")
 SENTINEL = "\u2063crossopd-sentinel-7f3a\u2063"
 # For base-model teachers without a chat template (Gemma 3 270M base, say).
 DEFAULT_PLAIN_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -59,7 +60,8 @@ class ChatFormat:
     the context and every id that ends a sampled turn are given to ``from_tokenizer``."""
 
     name: str
-    render_fn: Callable[[list[Message], bool], str]
+    # (messages, add_generation_prompt, tool definitions or None) -> text
+    render_fn: Callable[[list[Message], bool, list[dict] | None], str]
     tokenize_fn: Callable[[str], list[int]]
     end_of_turn: str
     end_of_turn_ids: list[int]
@@ -70,9 +72,10 @@ class ChatFormat:
     # (the plain format's " " after "Answer:"); the teacher's prefix includes it
     seam: str = ""
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
         _check_messages(messages)
-        return self.render_fn(list(messages), add_generation_prompt)
+        return self.render_fn(list(messages), add_generation_prompt, tools)
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenize_fn(text)
@@ -80,8 +83,9 @@ class ChatFormat:
             ids = self.bos_ids + ids
         return ids
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        return self.encode_prompt(self.render(messages, add_generation_prompt=True))
+    def prompt_ids(self, messages: Sequence[Message], tools: list[dict] | None = None
+                   ) -> list[int]:
+        return self.encode_prompt(self.render(messages, add_generation_prompt=True, tools=tools))
 
     @classmethod
     def from_tokenizer(
@@ -110,9 +114,10 @@ class ChatFormat:
         has_template = bool(getattr(tokenizer, "chat_template", None)) and plain_template is None
         if has_template:
 
-            def render(messages: list[Message], gen: bool) -> str:
+            def render(messages: list[Message], gen: bool, tools: list[dict] | None = None
+                       ) -> str:
                 return tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=gen
+                    messages, tools=tools, tokenize=False, add_generation_prompt=gen
                 )
 
             end = _discover_end_of_turn(render) or (tokenizer.eos_token or "")
@@ -128,7 +133,8 @@ class ChatFormat:
                 )
             plain = _plain_renderer(plain_template, stop)
 
-            def render(messages: list[Message], gen: bool) -> str:
+            def render(messages: list[Message], gen: bool, tools: list[dict] | None = None
+                       ) -> str:
                 return plain(messages)  # a plain prompt always ends where the answer starts
 
             end = stop
@@ -165,16 +171,18 @@ def _check_messages(messages: Sequence[Message]) -> None:
     if not messages:
         raise TemplateError("empty conversation: give at least one user message")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or (
+                "content" not in m and not m.get("tool_calls")):
             raise TemplateError(f"message {i} needs 'role' and 'content': {m!r}")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise TemplateError(f"message {i} has unknown role {m['role']!r}")
+        if m["role"] not in ROLES:
+            raise TemplateError(f"message {i} has unknown role {m['role']!r} (known: "
+                                f"{', '.join(ROLES)})")
     if messages[-1]["role"] == "assistant":
         raise TemplateError("the conversation ends with an assistant turn: drop it; it is the "
                             "turn the student samples")
 
 
-def _discover_end_of_turn(render: Callable[[list[Message], bool], str]) -> str:
+def _discover_end_of_turn(render: Callable[..., str]) -> str:
     """Render a conversation whose assistant turn is a sentinel; what follows it ends a turn."""
     text = render([{"role": "user", "content": "Hi"},
                    {"role": "assistant", "content": SENTINEL}], False)
@@ -184,7 +192,7 @@ def _discover_end_of_turn(render: Callable[[list[Message], bool], str]) -> str:
     return text[pos + len(SENTINEL):].rstrip(" \n")
 
 
-def _discover_seam(render: Callable[[list[Message], bool], str]) -> str:
+def _discover_seam(render: Callable[..., str]) -> str:
     """What an assistant turn's rendering adds between the generation prompt and the content,
     when it is whitespace. Other additions (Qwen3 puts an empty ``<think></think>`` block on past
     turns) describe history, not what the model generates next: no seam."""
@@ -219,6 +227,10 @@ def _plain_renderer(template: str, stop: str) -> Callable[[list[Message]], str]:
         if system:
             parts.append("\n\n".join(system) + "\n\n")
         turns = [m for m in messages if m["role"] != "system"]
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in turns):
+            raise TemplateError(
+                "a plain template renders system, user and assistant text only: a trajectory "
+                "with tool turns needs a model whose chat template renders tool messages")
         for m in turns:
             if m["role"] == "user":
                 parts.append(template.format(prompt=m["content"]))
@@ -268,27 +280,38 @@ def build_teacher_request(
     tv: ByteVocab,
     context: TeacherContext | None = None,
     reference: str | None = None,
+    *,
+    tools: list[dict] | None = None,
+    teacher_messages: Sequence[Message] | None = None,
+    teacher_text: bytes | None = None,
 ) -> TeacherRequest:
     """Teacher ids = teacher's own prompt (and seam) + the response bytes + its end-of-turn marker
     (only when the student ended its turn). Never re-tokenizes the student's ids. Response bytes
     that the teacher's prefix already ends with are scored once (``response_overlap``). A request
-    longer than the teacher format's ``max_length`` (its context) is marked overflowed."""
+    longer than the teacher format's ``max_length`` (its context) is marked overflowed.
+
+    ``tools``: the tool definitions both templates render into the prompt.
+    ``teacher_messages``: the conversation as the teacher's template is given it (a tool call
+    in the shape its template renders; default ``messages``). ``teacher_text``: the
+    bytes the teacher scores in place of the student's (a tool call the student wrote in its
+    own syntax, rendered in the teacher's); the alignment then pairs their equal stretches."""
     resp = sv.check_ids(student_response, "student")
     stop_index = None
     if resp.size and int(resp[-1]) in student.stop_ids:
         stop_index = resp.size - 1
     body = resp if stop_index is None else resp[:stop_index]
-    t_messages = (context or TeacherContext()).apply(messages, reference)
-    data = sv.concat_bytes(body)
+    t_messages = (context or TeacherContext()).apply(
+        messages if teacher_messages is None else teacher_messages, reference)
+    data = sv.concat_bytes(body) if teacher_text is None else teacher_text
     # A seam both formats share is left to the model, as each format does: a student that
     # skips it is scored as written. A seam only the teacher's format has is rendered.
     seam = (teacher.seam if teacher.seam != student.seam else "").encode("utf-8")
-    prefix = teacher.render(t_messages).encode("utf-8")
+    prefix = teacher.render(t_messages, tools=tools).encode("utf-8")
     keep = len(prefix) + len(seam) - response_overlap(
-        prefix + seam, data, student.render(messages).encode("utf-8"))
+        prefix + seam, data, student.render(messages, tools=tools).encode("utf-8"))
     prompt = teacher.encode_prompt(prefix[: min(keep, len(prefix))].decode("utf-8"))
     lead = seam[: max(keep - len(prefix), 0)]  # seam bytes the response does not supply
-    if sv.fingerprint == tv.fingerprint:
+    if sv.fingerprint == tv.fingerprint and teacher_text is None:
         # same vocabulary: score the sampled ids themselves, so OPD reduces exactly to standard
         # same-tokenizer OPD (1:1 chunks) even for non-canonical samples
         prompt += tv.encode_bytes(lead)

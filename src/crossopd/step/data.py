@@ -20,6 +20,7 @@ class Example:
     answer: str | None = None
     reference: str | None = None  # teacher-only context
     teacher: str | None = None  # the teacher that scores it (None: the run's first)
+    tools: list[dict] | None = None  # tool definitions both templates render into the prompt
 
 
 def resolve_path(path: str) -> Path:
@@ -76,3 +77,63 @@ def load_examples(path: str, answer_column: str = "answer",
     if not out:
         raise DataError(f"{p} has no rows")
     return out
+
+
+@dataclass(frozen=True)
+class TrajectoryRow:
+    """A complete conversation: prompt, assistant turns (content and/or ``tool_calls``) and
+    environment messages, with the tool definitions both templates render."""
+
+    messages: list[Message]
+    tools: list[dict] | None = None
+
+
+def has_assistant_turns(path: str) -> bool:
+    """Whether the first row of a jsonl/json file holds an assistant turn (a trajectory file)."""
+    rows = _json_rows(resolve_path(path), limit=1)
+    return any(m.get("role") == "assistant" for m in rows[0].get("messages") or []) \
+        if rows else False
+
+
+def load_trajectories(path: str) -> list[TrajectoryRow]:
+    """Rows of a jsonl/json file of complete conversations: ``messages`` (with ``assistant``
+    turns) and optional ``tools``."""
+    p = resolve_path(path)
+    out = []
+    for i, row in enumerate(_json_rows(p)):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{p} row {i}: a trajectory row needs a 'messages' list")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise DataError(f"{p} row {i} message {j}: needs a 'role'")
+            if m["role"] == "assistant" and not m.get("content") and not m.get("tool_calls"):
+                raise DataError(f"{p} row {i} message {j}: an assistant turn needs 'content' "
+                                "or 'tool_calls'")
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise DataError(f"{p} row {i}: 'tools' must be a list of tool definitions")
+        out.append(TrajectoryRow([dict(m) for m in messages], tools))
+    if not out:
+        raise DataError(f"{p} has no rows")
+    return out
+
+
+def _json_rows(p: Path, limit: int | None = None) -> list[dict]:
+    import json
+
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist")
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        raise DataError(f"trajectory file {p}: use .jsonl or .json")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            rows = json.loads(text)
+            rows = rows if isinstance(rows, list) else [rows]
+        else:
+            rows = [json.loads(line) for line in text.splitlines()[:limit] if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"cannot read {p} as JSON: {e}") from e
+    return rows[:limit] if limit else rows
+

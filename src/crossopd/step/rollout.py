@@ -9,6 +9,7 @@ import numpy as np
 
 from crossopd.models.sampling import sample
 from crossopd.step.data import Example
+from crossopd.step.multiturn import Toolbox, sample_trajectories
 from crossopd.step.score import Scored, score_rollouts
 from crossopd.step.settings import StepSettings
 from crossopd.step.sides import StudentSide, Teachers
@@ -31,12 +32,19 @@ def sample_rollouts(
 
 
 def rollout_and_score(student: StudentSide, teachers: Teachers, examples: Sequence[Example],
-                      settings: StepSettings) -> Scored:
-    """One step's data: HF ``generate`` rollouts, then ``score_rollouts``."""
+                      settings: StepSettings, *, toolbox: Toolbox | None = None) -> Scored:
+    """One step's data: HF ``generate`` rollouts (multi-turn, calling tools, with a
+    ``toolbox``), then ``score_rollouts``."""
     times: dict[str, float] = {}
     with timed(times, "rollout"):
-        exs, prompts, responses = sample_rollouts(student, examples, settings)
+        if toolbox is None:
+            exs, prompts, responses = sample_rollouts(student, examples, settings)
+        else:
+            exs, prompts, responses = sample_trajectories(student, examples, settings, toolbox)
     scored = score_rollouts(student, teachers, exs, prompts, responses, settings)
     scored.times.update(times)
     add_timings(scored.stats, times, int(scored.stats["response_tokens"]))
+    if toolbox is not None:
+        scored.stats.update({k: float(v) for k, v in toolbox.counts.items()})
+        toolbox.counts.update(dict.fromkeys(toolbox.counts, 0))
     return scored

@@ -28,7 +28,8 @@ from crossopd.step.loss import advantages
 from crossopd.step.settings import StepSettings
 from crossopd.step.sides import StudentSide, Teachers
 from crossopd.step.stats import TEACHER_STATS, StepStats, add_timings, timed
-from crossopd.step.teaching import assignments, mix_targets, score_all, teacher_requests
+from crossopd.step.teaching import Unit, assignments, mix_targets, score_all, teacher_units
+from crossopd.step.trajectory import Trajectory
 
 
 # ------------------------------------------------------------------------------- one sample
@@ -87,7 +88,9 @@ def penalize_specials(q: np.ndarray, logps: np.ndarray, req: TeacherRequest,
 @dataclass
 class Scored:
     """A step's rollouts with everything computed for them, once: what the update, the
-    statistics and the diagnostics read."""
+    statistics and the diagnostics read. Per rollout: ``sequences`` .. ``signal``; per scored
+    unit (a single-turn response, or one assistant turn of a trajectory, in rollout order; one
+    unit per rollout when no rollout is a trajectory): ``units`` .. ``teacher_logps``."""
 
     examples: list[Example]
     sequences: list[list[int]]  # student prompt + response
@@ -105,6 +108,13 @@ class Scored:
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # StepStats sums per teacher (each over the rollouts it scored)
     teacher_totals: dict[str, dict[str, float]] = field(default_factory=dict)
+    units: list[Unit] = field(default_factory=list)
+
+
+def response_ids(response: np.ndarray | Trajectory) -> np.ndarray:
+    """Every id after the prompt: a response's, or a trajectory's assistant and environment
+    tokens."""
+    return response.ids if isinstance(response, Trajectory) else np.asarray(response)
 
 
 def score_rollouts(
@@ -112,7 +122,7 @@ def score_rollouts(
     teachers: Teachers,
     examples: Sequence[Example],
     prompts: Sequence[Sequence[int]],
-    responses: Sequence[np.ndarray],
+    responses: Sequence[np.ndarray | Trajectory],
     settings: StepSettings,
     *,
     old_logps: Sequence[torch.Tensor] | None = None,
@@ -120,7 +130,8 @@ def score_rollouts(
     """Teacher scoring, alignment, credit and advantages for sampled responses (from any
     rollout engine). Each example is scored by its teacher (``teaching.route``), or with
     ``settings.mix`` (name -> weight) by every listed teacher, their targets combined
-    (``teaching.mix_targets``).
+    (``teaching.mix_targets``). A ``Trajectory`` response is scored turn by turn; its
+    environment tokens get no signal and are counted.
 
     ``old_logps`` are the student's rollout-time log-probs of each response token under the
     sampling distribution; when not given they are computed here with the student at
@@ -129,24 +140,25 @@ def score_rollouts(
     times: dict[str, float] = {}
     plan = assignments(examples, teachers, settings.mix)
     with timed(times, "bridge"):  # teacher prompts + teacher tokenization
-        reqs = {name: teacher_requests(student, teachers[name], [examples[i] for i in idx],
-                                       [responses[i] for i in idx])
-                for name, idx in plan.items()}
+        units = {name: teacher_units(student, teachers[name], [examples[i] for i in idx],
+                                     [responses[i] for i in idx], idx)
+                 for name, idx in plan.items()}
     with timed(times, "teacher"):
-        found = score_all(teachers, reqs)
-    sequences = [list(p) + np.asarray(r).tolist() for p, r in zip(prompts, responses)]
-    spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
+        found = score_all(teachers, {name: [u.request for u in us] for name, us in units.items()})
+    ids = [response_ids(r) for r in responses]
+    sequences = [list(p) + r.tolist() for p, r in zip(prompts, ids)]
+    spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, ids)]
     with timed(times, "student_logps"):
         old = [o.detach().double().cpu() for o in (old_logps if old_logps is not None else
                student_logps(student, sequences, spans, settings))]
     with timed(times, "align_credit"):
-        per, team = credit_per_teacher(student, teachers, plan, reqs, found, old, settings)
-        scored = combine(examples, sequences, spans, old, plan, per, settings)
+        per, team = credit_per_teacher(student, teachers, units, found, old, settings)
+        scored = combine(examples, sequences, spans, old, responses, per, settings)
     if len(teachers) > 1:
         for name, st in team.items():
             scored.stats.update({f"teachers/{name}/{k}": v for k, v in st.result().items()
                                  if k in TEACHER_STATS})
-    add_timings(scored.stats, times, sum(len(r) for r in responses))
+    add_timings(scored.stats, times, sum(len(r) for r in ids))
     scored.times = times
     scored.teacher_totals = {name: dict(st.totals) for name, st in team.items()}
     return scored
@@ -160,49 +172,60 @@ def student_logps(student: StudentSide, sequences: list[list[int]],
                                max_batch_tokens=settings.max_batch_tokens, pad_id=student.pad_id)
 
 
-# per teacher name: per rollout (None where that teacher does not score it) its request, its
-# teacher log-probs and its credit
-Credited = dict[str, list["tuple[TeacherRequest, np.ndarray | None, SampleCredit] | None"]]
+# per teacher name: per rollout its units, each with its teacher log-probs and its credit
+Credited = dict[str, dict[int, list["tuple[Unit, np.ndarray | None, SampleCredit]"]]]
 
 
-def credit_per_teacher(student: StudentSide, teachers: Teachers, plan: dict[str, list[int]],
-                       reqs: dict, found: dict, old: list[torch.Tensor],
-                       settings: StepSettings) -> tuple[Credited, dict[str, StepStats]]:
-    """Each teacher's credit on the rollouts it scores, and its own statistics (zeros for a
+def credit_per_teacher(student: StudentSide, teachers: Teachers, units: dict[str, list[Unit]],
+                       found: dict, old: list[torch.Tensor], settings: StepSettings
+                       ) -> tuple[Credited, dict[str, StepStats]]:
+    """Each teacher's credit on the units it scores, and its own statistics (zeros for a
     teacher without rollouts)."""
-    n = len(old)
     per: Credited = {}
     team = {name: StepStats() for name in teachers}
-    for name, idx in plan.items():
-        rows: list = [None] * n
-        for i, req, lp in zip(idx, reqs[name], found[name]):
-            c = credit_targets(req, lp, old[i].numpy(), student.vocab, teachers[name].vocab,
+    for name, us in units.items():
+        rows: dict[int, list] = {}
+        for u, lp in zip(us, found[name]):
+            o = old[u.rollout].numpy()[u.start:u.end]
+            c = credit_targets(u.request, lp, o, student.vocab, teachers[name].vocab,
                                rule=settings.credit, special_penalty=settings.penalty)
-            team[name].add(c.alignment, req, old[i].numpy(), c.kl_targets,
-                           penalized=int(c.penalized.sum()))
-            rows[i] = (req, lp, c)
+            team[name].add(c.alignment, u.request, o, c.kl_targets,
+                           penalized=int(c.penalized.sum()), new_sequence=u.rollout not in rows,
+                           reformatted=u.reformatted)
+            rows.setdefault(u.rollout, []).append((u, lp, c))
         per[name] = rows
     return per, team
 
 
 def combine(examples: Sequence[Example], sequences: list[list[int]],
-            spans: list[tuple[int, int]], old: list[torch.Tensor], plan: dict[str, list[int]],
-            per: Credited, settings: StepSettings) -> Scored:
+            spans: list[tuple[int, int]], old: list[torch.Tensor],
+            responses: Sequence[np.ndarray | Trajectory], per: Credited,
+            settings: StepSettings) -> Scored:
     """One target per response token from the routed teacher, or the mix of every listed
-    teacher's; the advantages, signal masks and step statistics on them."""
+    teacher's (NaN on a trajectory's environment tokens); the advantages, signal masks and
+    step statistics on them."""
     n = len(examples)
-    names = [next(k for k in plan if per[k][i] is not None) for i in range(n)]
+    names = [next(k for k in per if i in per[k]) for i in range(n)]
     stats, partial = StepStats(), 0
-    targets, advs, signal = [], [], []
+    targets, advs, signal, first = [], [], [], []
     for i in range(n):
-        req, _, c = per[names[i]][i]  # the routed teacher, or the first of the mix
-        q, q_kl = c.targets, c.kl_targets
-        if settings.mix:
-            weights = list(settings.mix.values())
-            q, partial_i = mix_targets([per[k][i][2].targets for k in settings.mix], weights)
-            q_kl, _ = mix_targets([per[k][i][2].kl_targets for k in settings.mix], weights)
-            partial += partial_i
-        stats.add(c.alignment, req, old[i].numpy(), q_kl, penalized=int(c.penalized.sum()))
+        q = np.full(len(old[i]), np.nan)
+        for j, (u, lp, c) in enumerate(per[names[i]][i]):  # the routed teacher's units
+            q_u, q_kl = c.targets, c.kl_targets
+            if settings.mix:
+                weights = list(settings.mix.values())
+                q_u, partial_j = mix_targets([per[k][i][j][2].targets for k in settings.mix],
+                                             weights)
+                q_kl, _ = mix_targets([per[k][i][j][2].kl_targets for k in settings.mix],
+                                      weights)
+                partial += partial_j
+            q[u.start:u.end] = q_u
+            stats.add(c.alignment, u.request, old[i].numpy()[u.start:u.end], q_kl,
+                      penalized=int(c.penalized.sum()), new_sequence=j == 0,
+                      reformatted=u.reformatted)
+            first.append((u, lp, c))
+        if isinstance(responses[i], Trajectory):
+            stats.add_environment(responses[i].env_tokens, responses[i].unparsed_tool_calls)
         q_t = torch.from_numpy(q)
         a, v = advantages(q_t, old[i], settings.loss.adv_clamp)
         targets.append(q_t)
@@ -211,7 +234,6 @@ def combine(examples: Sequence[Example], sequences: list[list[int]],
     out = stats.result()
     if settings.mix:
         out["mix_partial_tokens"] = partial
-    first = [per[names[i]][i] for i in range(n)]
-    return Scored(list(examples), sequences, spans, old, names, [r[0] for r in first],
-                  [r[2].alignment for r in first], [r[1] for r in first], targets, advs,
-                  signal, out, dict(stats.totals))
+    return Scored(list(examples), sequences, spans, old, names, [u.request for u, _, _ in first],
+                  [c.alignment for _, _, c in first], [lp for _, lp, _ in first], targets, advs,
+                  signal, out, dict(stats.totals), units=[u for u, _, _ in first])

@@ -43,6 +43,9 @@ HELP = {
     "teacher.max_length": "The teacher's context in tokens (default: the model's or the "
                           "server's); longer requests get no signal and are counted.",
     "teacher.timeout": "Seconds one HTTP scoring request may take.",
+    "tool_format": "How this model writes a tool call when its chat template has no syntax for "
+                   "one: hermes (<tool_call>{json}</tool_call> in the content); unset: the "
+                   "template's own syntax, or tool calls are refused.",
     "teacher.retries": "Retries of a failed HTTP scoring request before the teacher counts as "
                        "down (then patience_s applies).",
 }
@@ -78,6 +81,7 @@ class TeacherConfig:
     reference_column: str | None = option(None, "A data column appended to the teacher's user "
                                                 "turn (teacher-only context).")
     max_length: int | None = option(None, HELP["teacher.max_length"])
+    tool_format: str | None = option(None, HELP["tool_format"])
     timeout: float = option(120.0, HELP["teacher.timeout"])
     retries: int = option(3, HELP["teacher.retries"])
     patience_s: float = option(300.0, HELP["teacher.patience_s"])
@@ -111,7 +115,8 @@ class StepSettings:
     clamp (engines with their own loss fill in theirs, so the record is true); sampling
     settings (``temperature`` ...) are what the rollouts were drawn with: the update's ratio and
     the rollout log-probs use the same tempered distribution. ``mix`` (teacher name -> weight)
-    has every listed teacher score every rollout."""
+    has every listed teacher score every rollout; ``max_turns`` bounds a rollout with tools
+    (``crossopd.step.multiturn``)."""
 
     credit: CreditRule
     loss: LossConfig = LossConfig()
@@ -119,10 +124,11 @@ class StepSettings:
     special_penalty: float = 5.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # per assistant turn
     samples_per_prompt: int = 1
     max_batch_tokens: int = 8192
     mix: Mapping[str, float] | None = None
+    max_turns: int = 1  # assistant turns of a rollout with tools
 
     @classmethod
     def build(cls, credit_rule: CreditSpec = "proportional", *, where: str = "",
@@ -134,6 +140,8 @@ class StepSettings:
         except ValueError as e:
             raise ConfigError(f"{where}credit_rule: {e}") from e
         settings = cls(credit=credit, **kwargs)
+        if settings.max_turns < 1:
+            raise ConfigError(f"{where}max_turns {settings.max_turns}: at least 1")
         if settings.special_tokens not in SPECIAL_TOKEN_POLICIES:
             raise ConfigError(f"{where}special_tokens {settings.special_tokens!r}: one of "
                               f"{', '.join(SPECIAL_TOKEN_POLICIES)}")

@@ -19,6 +19,7 @@ from crossopd.core.tokens import ByteVocab
 from crossopd.models.hub import load_hf_model, load_hf_tokenizer
 from crossopd.step.bridge import ChatFormat, TeacherContext, TemplateError
 from crossopd.step.settings import ConfigError, TeacherConfig, resolve_api_key
+from crossopd.step.tool_calls import ToolSyntax
 from crossopd.teachers import Teacher
 from crossopd.teachers.probe import check_teacher_server
 
@@ -47,6 +48,11 @@ class StudentSide:
     vocab: ByteVocab
     pad_id: int
     compute_dtype: torch.dtype = torch.float32
+    # how tool calls are written when the template has no syntax for them (``hermes``)
+    tool_format: str | None = None
+
+    def tool_syntax(self) -> ToolSyntax:
+        return ToolSyntax.of(self.fmt, self.tool_format)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +88,11 @@ class TeacherSide:
     fmt: ChatFormat
     vocab: ByteVocab
     context: TeacherContext = TeacherContext()
+    # how tool calls are written when the template has no syntax for them (``hermes``)
+    tool_format: str | None = None
+
+    def tool_syntax(self) -> ToolSyntax:
+        return ToolSyntax.of(self.fmt, self.tool_format)
 
     @classmethod
     def from_tokenizer(cls, scorer: Teacher, tokenizer: Any, *, name: str = DEFAULT_TEACHER,
@@ -161,7 +172,7 @@ def teacher_side(spec: TeacherConfig, tokenizer: Any, *, name: str = DEFAULT_TEA
                       plain_template=spec.plain_template, stop=spec.stop, max_length=limit)
     return TeacherSide(name=name, scorer=scorer, fmt=fmt,
                        vocab=ByteVocab.from_pretrained(tokenizer),
-                       context=TeacherContext(system=spec.system))
+                       context=TeacherContext(system=spec.system), tool_format=spec.tool_format)
 
 
 def check_teachers(sections: Mapping[str, TeacherConfig]) -> dict[str, Any]:

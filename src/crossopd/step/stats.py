@@ -37,12 +37,15 @@ def add_timings(stats: dict[str, float], times: dict[str, float], tokens: int) -
 class StepStats:
     """Alignment and signal statistics over the rollouts of one step (or one evaluation).
 
-    Every token that gets no signal is counted under the reason why: unaligned bytes, masked
-    special tokens, or a sequence that overflowed the teacher's context."""
+    Every token that gets no signal is counted under the reason why: unaligned bytes, the
+    syntax of a tool call the teacher writes otherwise (format tokens), masked special tokens,
+    a sequence that overflowed the teacher's context, or the environment's turns of a
+    trajectory. ``add`` takes one scored unit: a single-turn response, or one assistant turn."""
 
-    KEYS = ("sequences", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
-            "unaligned_tokens", "masked_special", "penalized_special", "stop_chunks", "stopped",
-            "overflowed", "signal_tokens", "kl_sum")
+    KEYS = ("sequences", "turns", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
+            "unaligned_tokens", "format_tokens", "masked_special", "penalized_special",
+            "stop_chunks", "stopped", "overflowed", "signal_tokens", "kl_sum", "env_tokens",
+            "unparsed_tool_calls")
 
     def __init__(self, totals: dict[str, float] | None = None) -> None:
         """``totals``: sums to start from, e.g. the sums of several processes added up."""
@@ -50,17 +53,22 @@ class StepStats:
         self.totals.update(totals or {})
 
     def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q_kl: np.ndarray,
-            penalized: int = 0) -> None:
+            penalized: int = 0, *, new_sequence: bool = True, reformatted: bool = False) -> None:
         """``q_kl``: targets whose chunk sums are the teacher's (NaN where no teacher signal);
-        ``penalized``: special tokens that got a penalty instead of no signal."""
+        ``penalized``: special tokens that got a penalty instead of no signal;
+        ``new_sequence``: the unit starts a rollout (False for a trajectory's later turns);
+        ``reformatted``: the teacher scored its own syntax for the turn's tool call, so its
+        unaligned tokens are that call's syntax (format tokens)."""
         c, counts = self.totals, a.counts
-        c["sequences"] += 1
+        c["sequences"] += int(new_sequence)
+        c["turns"] += 1
         c["tokens"] += len(logps)
         c["bytes"] += counts["student_bytes"]
         c["aligned_bytes"] += counts["aligned_student_bytes"] if not req.overflow else 0
         c["chunks"] += a.num_chunks
         c["one_to_one"] += counts["one_to_one_chunks"]
-        c["unaligned_tokens"] += counts["unaligned_student_tokens"]
+        c["format_tokens" if reformatted else "unaligned_tokens"] += \
+            counts["unaligned_student_tokens"]
         stop = req.student_stop_index is not None and not req.overflow
         c["masked_special"] += counts["special_student_tokens"] - int(stop) - penalized
         c["penalized_special"] += penalized
@@ -70,6 +78,12 @@ class StepStats:
         ok = ~np.isnan(q_kl)
         c["signal_tokens"] += int(ok.sum())
         c["kl_sum"] += float((logps[ok] - q_kl[ok]).sum())
+
+    def add_environment(self, env_tokens: int, unparsed_tool_calls: int) -> None:
+        """A trajectory's environment tokens (never trained) and its assistant turns that look
+        like a tool call but do not parse (scored as written)."""
+        self.totals["env_tokens"] += env_tokens
+        self.totals["unparsed_tool_calls"] += unparsed_tool_calls
 
     def merge(self, other: StepStats) -> None:
         for k, v in other.totals.items():
@@ -87,8 +101,12 @@ class StepStats:
             "masked_special_tokens": c["masked_special"],
             "penalized_special_tokens": c["penalized_special"],
             "stop_chunks": c["stop_chunks"],
-            "stop_rate": c["stopped"] / max(c["sequences"], 1),
+            "stop_rate": c["stopped"] / max(c["turns"], 1),
             "overflowed_sequences": c["overflowed"],
             "response_tokens": c["tokens"],
             "signal_tokens": c["signal_tokens"],
+            "assistant_turns": c["turns"],
+            "env_tokens": c["env_tokens"],
+            "format_tokens": c["format_tokens"],
+            "unparsed_tool_calls": c["unparsed_tool_calls"],
         }

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from crossopd.step.bridge import TeacherRequest, build_teacher_request
 from crossopd.step.data import Example
 from crossopd.step.sides import StudentSide, Teachers, TeacherSide
+from crossopd.step.trajectory import Trajectory, turn_requests
 
 
 def route(examples: Sequence[Example], teachers: Teachers) -> list[str]:
@@ -46,10 +48,43 @@ def assignments(examples: Sequence[Example], teachers: Teachers,
 
 def teacher_requests(student: StudentSide, teacher: TeacherSide, examples: Sequence[Example],
                      responses: Sequence[np.ndarray]) -> list[TeacherRequest]:
-    """Each response bridged into the teacher's prompt format and vocabulary."""
+    """Each single-turn response bridged into the teacher's prompt format and vocabulary."""
     return [build_teacher_request(e.messages, r, student.fmt, teacher.fmt, student.vocab,
-                                  teacher.vocab, context=teacher.context, reference=e.reference)
+                                  teacher.vocab, context=teacher.context, reference=e.reference,
+                                  tools=e.tools)
             for e, r in zip(examples, responses)]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What the teacher scores as one request: a single-turn response, or one assistant turn
+    of a trajectory (``[start, end)`` in the rollout's response)."""
+
+    rollout: int
+    start: int
+    end: int
+    request: TeacherRequest
+    reformatted: bool = False  # the teacher scores its own syntax for the turn's tool call
+
+
+def teacher_units(student: StudentSide, teacher: TeacherSide, examples: Sequence[Example],
+                  responses: Sequence[np.ndarray | Trajectory], rollouts: Sequence[int]
+                  ) -> list[Unit]:
+    """The teacher's requests for these rollouts (numbered ``rollouts``), one per assistant
+    turn, in order."""
+    single = [k for k, r in enumerate(responses) if not isinstance(r, Trajectory)]
+    reqs = dict(zip(single, teacher_requests(student, teacher, [examples[k] for k in single],
+                                             [responses[k] for k in single])))
+    out: list[Unit] = []
+    for k, (e, r) in enumerate(zip(examples, responses)):
+        if k in reqs:
+            out.append(Unit(rollouts[k], 0, len(reqs[k].student_response), reqs[k]))
+            continue
+        for tr in turn_requests(e.messages, r, student.tool_syntax(), student.vocab,
+                                teacher.tool_syntax(), teacher.vocab, context=teacher.context,
+                                reference=e.reference, tools=e.tools):
+            out.append(Unit(rollouts[k], tr.start, tr.end, tr.request, tr.reformatted))
+    return out
 
 
 def score_requests(teacher: TeacherSide, reqs: Sequence[TeacherRequest]

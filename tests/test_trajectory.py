@@ -1,0 +1,335 @@
+"""Trajectories across tokenizers: multi-turn conversations with tool calls, on the real bundled
+tokenizers. The student's side is exactly its template's rendering; each assistant turn is
+aligned on its own span (checked against the brute-force references); the teacher's input is
+its own format throughout; a tool call in another syntax aligns its equal stretches and counts
+the syntax between them; bad input gets one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crossopd.core.align import align
+from crossopd.core.tokens import ByteVocab
+from crossopd.models.hub import load_hf_tokenizer
+from crossopd.step.bridge import ChatFormat, TemplateError, align_bridged
+from crossopd.step.tool_calls import ToolSyntax
+from crossopd.step.trajectory import read_turn, trajectory_from_messages, turn_requests
+
+from reference import brute_force_sync_offsets, check_alignment, chunk_spans
+from strategies import texts
+
+# A Gemma-style chat template that writes a call as one JSON object with "parameters" (Llama 3's
+# custom tool syntax) and a tool result as a user turn: the bundled Gemma 3 270M is a base model
+GEMMA_TOOLS = (
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}<start_of_turn>model\n"
+    "{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}"
+    "{{ {'name': c.function.name, 'parameters': c.function.arguments} | tojson }}"
+    "{% endfor %}<end_of_turn>\n"
+    "{% elif m.role == 'tool' %}<start_of_turn>user\nTool result: {{ m.content }}<end_of_turn>\n"
+    "{% else %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+CALC = {"type": "function", "function": {
+    "name": "calc", "description": "Evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expr": {"type": "string"}},
+                   "required": ["expr"]}}}
+
+
+def call(name: str, **arguments) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CONVERSATION = [
+    {"role": "user", "content": "What is 17*23?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("calc", expr="17*23")]},
+    {"role": "tool", "content": "391"},
+    {"role": "assistant", "content": "17*23 = 391."},
+]
+
+
+class Side:
+    def __init__(self, name: str, template: str | None = None) -> None:
+        tok = load_hf_tokenizer(name)
+        if template is not None:
+            tok = copy.copy(tok)
+            tok.chat_template = template
+        self.tok = tok
+        self.vocab = ByteVocab.from_pretrained(name)
+        self.fmt = ChatFormat.from_tokenizer(tok, name=name)
+        self.syntax = ToolSyntax.of(self.fmt, "hermes")
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return Side("smollm2")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return Side("qwen2.5-coder-1.5b")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return Side("gemma3-270m", GEMMA_TOOLS)
+
+
+def bridged(student: Side, teacher: Side, messages, tools=(CALC,)):
+    tools = list(tools) if tools else None
+    prompt, prompt_ids, traj = trajectory_from_messages(messages, student.fmt, student.vocab,
+                                                        student.syntax, tools)
+    reqs = turn_requests(prompt, traj, student.syntax, student.vocab, teacher.syntax,
+                         teacher.vocab, tools=tools)
+    return prompt_ids, traj, reqs
+
+
+def check_turn(req, sv: ByteVocab, tv: ByteVocab):
+    """The turn's alignment; its body part is the alignment of the body alone, whose chunks
+    pass the brute-force checks (every chunk exact and minimal; with equal bytes, every offset
+    where both decoded prefixes agree is a chunk boundary)."""
+    a = align_bridged(req, sv, tv)
+    body = req.student_response[: req.student_stop_index]
+    t_body = np.asarray(req.teacher_ids[req.response_start:req.response_end])
+    alone = align(body, t_body, sv, tv)
+    np.testing.assert_array_equal(a.student_chunk[:len(body)], alone.student_chunk)
+    check_alignment(alone, body, t_body, sv, tv)
+    if alone.bytes_equal:
+        spans = chunk_spans(alone, sv, body, "student")
+        bounds = {0} | {hi for _, hi in spans.values()}
+        assert brute_force_sync_offsets(body, t_body, sv, tv) <= bounds
+    return a
+
+
+def test_the_student_side_is_its_templates_rendering_and_env_tokens_are_counted(smol):
+    """prompt ids + trajectory ids decode to the student's template rendering of the whole
+    conversation (calls as Hermes text, SmolLM2's template has no tool syntax); the tokens
+    outside the assistant turns are the environment's, counted exactly."""
+    prompt_ids, traj, _ = bridged(smol, smol, CONVERSATION)
+    full = smol.fmt.render_fn(smol.syntax.messages(CONVERSATION), False, [CALC])
+    assert smol.decode(prompt_ids + traj.ids.tolist()) == full.rstrip("\n")
+    assert len(traj.turns) == 2 and traj.unparsed_tool_calls == 0
+    env = [traj.ids[e:s] for (_, e), (s, _) in zip(traj.turns, traj.turns[1:])]
+    assert smol.decode(env[0]) == "\n<|im_start|>tool\n391<|im_end|>\n<|im_start|>assistant\n"
+    assert traj.env_tokens == sum(len(x) for x in env) == int((~traj.student_mask).sum())
+    assert traj.env_tokens == len(smol.tok(smol.decode(env[0]),
+                                           add_special_tokens=False)["input_ids"])
+
+
+def test_equal_assistant_bytes_align_fully_per_turn(smol, qwen):
+    """SmolLM2 (Hermes text) -> Qwen2.5-Coder (its template's own tool syntax, the same
+    bytes): every assistant turn has coverage 1.0, and its chunks are the brute-force ones."""
+    _, traj, reqs = bridged(smol, qwen, CONVERSATION)
+    assert [r.reformatted for r in reqs] == [True, False]
+    for tr in reqs:
+        a = check_turn(tr.request, smol.vocab, qwen.vocab)
+        assert a.coverage == 1.0 and a.counts["unaligned_student_tokens"] == 0
+        assert tr.request.stop_end > tr.request.response_end  # the student ended its turn
+    # the teacher's input for the last turn: its own rendering of the whole conversation
+    text = qwen.decode(reqs[-1].request.teacher_ids)
+    assert "<tool_response>\n391\n</tool_response>" in text
+    assert text.endswith("17*23 = 391.<|im_end|>")
+
+
+def test_the_teacher_sees_its_own_format_only(smol, gemma):
+    """No student marker or student call syntax in the teacher's input: environment turns in
+    the teacher's tool-result format, the call in the teacher's syntax, its own end-of-turn."""
+    _, _, reqs = bridged(smol, gemma, CONVERSATION)
+    for tr in reqs:
+        text = gemma.decode(tr.request.teacher_ids)
+        for marker in ("<|im_start|>", "<|im_end|>", "<tool_call>", '"arguments"'):
+            assert marker not in text, (marker, text)
+        assert text.endswith("<end_of_turn>")
+    last = gemma.decode(reqs[-1].request.teacher_ids)
+    assert ('<start_of_turn>model\n{"name": "calc", "parameters": {"expr": "17*23"}}'
+            '<end_of_turn>\n<start_of_turn>user\nTool result: 391<end_of_turn>\n'
+            '<start_of_turn>model\n17*23 = 391.<end_of_turn>') in last
+
+
+def test_a_call_in_another_syntax_aligns_its_equal_stretches(smol, gemma):
+    """<tool_call>{"name": "calc", "arguments": ...}</tool_call> against {"name": "calc",
+    "parameters": ...}: the name and the argument values are aligned chunks; the syntax around
+    them has no chunk (format tokens); every student token is one or the other."""
+    _, _, reqs = bridged(smol, gemma, CONVERSATION)
+    tr = reqs[0]
+    assert tr.reformatted
+    a = align_bridged(tr.request, smol.vocab, gemma.vocab)
+    body = tr.request.student_response[:-1]
+    chunk = a.student_chunk[:-1]
+    pieces = smol.vocab.token_bytes(body)
+    aligned = b"".join(p for p, c in zip(pieces, chunk) if c >= 0)
+    assert b"calc" in aligned and b"17*23" in aligned
+    assert b"<tool_call>" not in aligned and b"arguments" not in aligned
+    fmt_tokens = int(((chunk < 0) & (smol.vocab.lengths[body] > 0)).sum())
+    assert fmt_tokens > 0
+    assert fmt_tokens == a.counts["unaligned_student_tokens"]
+    assert a.student_chunk[-1] == a.num_chunks - 1  # the stop chunk pairs both end-of-turns
+
+
+def test_a_sampled_call_parses_only_when_it_round_trips(smol):
+    history = CONVERSATION[:1]
+    exact = smol.syntax.turn_text(history, CONVERSATION[1], [CALC])
+    message, unparsed = read_turn(smol.syntax, history, exact, [CALC])
+    assert message["tool_calls"] == [call("calc", expr="17*23")] and not unparsed
+    squeezed = '<tool_call>\n{"name":"calc","arguments":{"expr":"17*23"}}\n</tool_call>'
+    message, unparsed = read_turn(smol.syntax, history, squeezed, [CALC])
+    assert message == {"role": "assistant", "content": squeezed} and unparsed
+    message, unparsed = read_turn(smol.syntax, history, "It is 391.", [CALC])
+    assert message == {"role": "assistant", "content": "It is 391."} and not unparsed
+
+
+def test_a_call_written_as_text_is_scored_as_the_students_bytes(smol, gemma):
+    """A call as content text that does not round-trip is the student's own bytes: scored
+    verbatim (full coverage against the teacher's spelling of the same bytes), counted."""
+    text = '<tool_call>{"name":"calc"}</tool_call> then 391'
+    rows = [CONVERSATION[0], {"role": "assistant", "content": text}]
+    _, traj, (tr,) = bridged(smol, gemma, rows)
+    assert traj.unparsed_tool_calls == 1 and not tr.reformatted
+    assert align_bridged(tr.request, smol.vocab, gemma.vocab).coverage == 1.0
+
+
+@settings(max_examples=25)
+@given(first=texts(), second=texts(), result=st.text(max_size=20))
+def test_content_turns_align_on_their_own_spans(smol, gemma, first, second, result):
+    """Any assistant texts around a tool result: each content turn is aligned on its own span,
+    every chunk exact (the brute-force checks), full coverage where the teacher spells every
+    byte."""
+    first = first.replace("<tool_call>", "") or "ok"
+    second = second or "done"
+    rows = [{"role": "user", "content": "Go."}, {"role": "assistant", "content": first},
+            {"role": "tool", "content": result}, {"role": "assistant", "content": second}]
+    try:
+        _, traj, reqs = bridged(smol, gemma, rows, tools=None)
+    except TemplateError:
+        return  # a content the template rewrites (stripped whitespace) has no turn to align
+    for tr in reqs:
+        a = check_turn(tr.request, smol.vocab, gemma.vocab)
+        if a.bytes_equal:
+            assert a.coverage == 1.0
+    assert traj.env_tokens == len(traj.ids) - sum(e - s for s, e in traj.turns)
+
+
+def test_bad_trajectories_get_one_line(smol, gemma):
+    bare = ToolSyntax.of(ChatFormat.from_tokenizer(load_hf_tokenizer("smollm2"),
+                                                   name="smollm2"))
+    with pytest.raises(TemplateError, match="set tool_format: hermes"):
+        trajectory_from_messages(CONVERSATION, smol.fmt, smol.vocab, bare, [CALC])
+    with pytest.raises(TemplateError, match="ends with its last assistant turn"):
+        trajectory_from_messages(CONVERSATION[:3], smol.fmt, smol.vocab, smol.syntax, [CALC])
+    # a base-model teacher's plain template has no tool turns; as a student, no end-of-turn
+    plain = ChatFormat.from_tokenizer(load_hf_tokenizer("gemma3-270m"), name="gemma",
+                                      plain_template="Q: {prompt}\nA:", stop="\n\nQ:")
+    prompt, _, traj = trajectory_from_messages(CONVERSATION, smol.fmt, smol.vocab, smol.syntax,
+                                               [CALC])
+    with pytest.raises(TemplateError, match="plain template renders system, user and assistant"):
+        turn_requests(prompt, traj, smol.syntax, smol.vocab, ToolSyntax.of(plain, "hermes"),
+                      gemma.vocab, tools=[CALC])
+    with pytest.raises(TemplateError, match="not one end-of-turn token"):
+        trajectory_from_messages(CONVERSATION, plain, gemma.vocab,
+                                 ToolSyntax.of(plain, "hermes"), [CALC])
+    # a template that shows an earlier assistant turn otherwise than the turn it just ended
+    # (Qwen3 drops earlier turns' reasoning): where the turn ends is not where the next begins
+    forgetful = copy.copy(load_hf_tokenizer("smollm2"))
+    forgetful.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content if m.role != 'assistant' or loop.last else '(earlier turn)' }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}")
+    fmt = ChatFormat.from_tokenizer(forgetful, name="forgetful")
+    rows = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"},
+            {"role": "tool", "content": "1"}, {"role": "assistant", "content": "done"}]
+    with pytest.raises(TemplateError, match="the assistant turn does not end where the "
+                                            "environment's begins"):
+        trajectory_from_messages(rows, fmt, smol.vocab, ToolSyntax.of(fmt, "hermes"), None)
+    with pytest.raises(TemplateError, match="an environment message has role 'robot'"):
+        trajectory_from_messages([*rows[:2], {"role": "robot", "content": "1"}, rows[3]],
+                                 smol.fmt, smol.vocab, smol.syntax, None)
+
+
+def test_doctor_reports_trajectories(tmp_path, capsys):
+    from crossopd.cli.main import main
+
+    path = tmp_path / "traj.jsonl"
+    rows = [{"messages": CONVERSATION, "tools": [CALC]},
+            {"messages": [{"role": "user", "content": "Capital of France?"},
+                          {"role": "assistant", "content": "Looking.", "tool_calls": [
+                              {"type": "function", "function": {
+                                  "name": "lookup",
+                                  "arguments": json.dumps({"q": "capital of France"})}}]},
+                          {"role": "tool", "content": "Paris"},
+                          {"role": "user", "content": "And?"},
+                          {"role": "assistant", "content": "It is Paris 🇫🇷."}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["doctor", "--student", "smollm2", "--teacher", "qwen2.5-coder-1.5b",
+                 "--data", str(path), "--tool-format", "hermes", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["trajectories"]) == 2
+    for t in r["trajectories"]:
+        assert {"assistant_turns", "env_tokens", "format_tokens", "coverage",
+                "unaligned_tokens", "teacher_text"} <= set(t)
+        assert t["assistant_turns"] == 2 and t["coverage"] == 1.0 and t["format_tokens"] == 0
+        assert t["env_tokens"] > 0 and "<|im_start|>assistant\n" in t["teacher_text"]
+    assert "<tool_response>\nParis\n</tool_response>" in r["trajectories"][1]["teacher_text"]
+    # without --tool-format, SmolLM2's template (no tool syntax) cannot write the calls
+    assert main(["doctor", "--student", "smollm2", "--teacher", "qwen2.5-coder-1.5b",
+                 "--data", str(path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert all("tool_format: hermes" in t["error"] for t in r["trajectories"])
+    assert any("set tool_format: hermes" in w for w in r["warnings"])
+
+
+def test_a_step_trains_assistant_turns_only(tiny, gemma):
+    """``score_rollouts`` on a trajectory: each assistant turn's targets are exactly the
+    single-request credit of that turn (its own teacher request, its slice of the rollout
+    log-probs), the environment tokens have no target and no signal and are counted, and the
+    counts add up over the turns."""
+    from dataclasses import replace
+
+    from crossopd.models.hub import load_hf_model
+    from crossopd.step.data import Example
+    from crossopd.step.score import credit_targets, score_rollouts
+    from crossopd.step.settings import StepSettings
+    from crossopd.step.sides import StudentSide, TeacherSide, one_teacher
+    from crossopd.teachers.hf import HFTeacher
+
+    s_tok = load_hf_tokenizer(tiny["student"])
+    student = replace(StudentSide.from_model(load_hf_model(tiny["student"]), s_tok),
+                      tool_format="hermes")
+    teacher = TeacherSide.from_tokenizer(HFTeacher(load_hf_model(tiny["teacher"])),
+                                         gemma.tok, fmt=gemma.fmt)
+    ex = Example(CONVERSATION[:1], tools=[CALC])
+    _, prompt_ids, traj = trajectory_from_messages(CONVERSATION, student.fmt, student.vocab,
+                                                   student.tool_syntax(), [CALC])
+    settings = StepSettings.build()
+    s = score_rollouts(student, one_teacher(teacher), [ex], [prompt_ids], [traj], settings)
+    q, valid = s.targets[0].numpy(), s.signal[0].numpy()
+    env = ~traj.student_mask
+    assert np.isnan(q[env]).all() and not valid[env].any()
+    assert len(s.units) == 2 and [u.reformatted for u in s.units] == [True, False]
+    old = s.old_logps[0].numpy()
+    for u, lp in zip(s.units, s.teacher_logps):
+        c = credit_targets(u.request, lp, old[u.start:u.end], student.vocab, teacher.vocab)
+        np.testing.assert_array_equal(q[u.start:u.end], c.targets)
+        # the credit rule's definition on each aligned chunk: targets sum to the teacher's
+        a = c.alignment
+        for k in range(a.num_chunks):
+            t_sum = lp[a.teacher_chunk == k].sum()
+            assert np.isclose(q[u.start:u.end][a.student_chunk == k].sum(), t_sum)
+    st = s.stats
+    assert st["sequences"] == 1 and st["assistant_turns"] == 2
+    assert st["env_tokens"] == traj.env_tokens == int(env.sum())
+    assert st["response_tokens"] == int(traj.student_mask.sum())
+    assert st["format_tokens"] > 0 and st["unaligned_tokens"] == 0
+    assert st["stop_chunks"] == 2 and st["stop_rate"] == 1.0
+    assert st["signal_tokens"] == int(valid.sum())
