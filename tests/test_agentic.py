@@ -127,6 +127,23 @@ def test_tools_and_environments_load_by_import_path(agent, tmp_path):
         load_toolbox(cfg)
 
 
+def test_a_teacher_that_cannot_render_tool_turns_stops_the_run_before_its_first_step(
+        agent, tiny, tmp_path):
+    """A base-model teacher with a plain template has no tool-result format: one line, before
+    any rollout."""
+    from crossopd.run.train import train
+
+    cfg = load_config(None, [*_overrides(agent, tmp_path / "run", "rollout.max_turns=2",
+                                         "rollout.tools=[user_tools:calc]"),
+                             f"teacher.model={tiny['teacher']}",
+                             "teacher.plain_template=Question: {prompt}\nAnswer:",
+                             "teacher.stop=\n\nQuestion:"])
+    with pytest.raises(ConfigError, match="the teacher teacher cannot take part in tool "
+                                          "trajectories: a plain template"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_an_environment_per_rollout_adds_its_reset_text_and_its_tools():
     from crossopd.step.data import Example
     from crossopd.step.multiturn import Toolbox

@@ -25,7 +25,7 @@ from crossopd.evaluation.summary import heldout_summary
 from crossopd.files import append_jsonl, read_jsonl, truncate_jsonl
 from crossopd.run import rundir
 from crossopd.run.config import TrainConfig, step_settings
-from crossopd.run.load import build_sides, load_splits, load_toolbox
+from crossopd.run.load import build_sides, check_tool_sides, load_splits, load_toolbox
 from crossopd.run.registry import engine_for
 from crossopd.run.trackers import Trackers, tracker_names
 from crossopd.step.data import Example
@@ -149,8 +149,11 @@ def train_run(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     # generate() with the student, during training (TRL samples with the generation config)
     # and after it (final/), stops where rollouts stop: at the format's end-of-turn ids
     student.model.generation_config.eos_token_id = sorted(student.fmt.stop_ids)
+    toolbox = load_toolbox(cfg)
+    if toolbox is not None:
+        check_tool_sides(student, teachers)
     run = Run(cfg, student, teachers, examples, heldout, progress=progress, main=main,
-              toolbox=load_toolbox(cfg))
+              toolbox=toolbox)
     trackers = Trackers(tracker_names(cfg.report_to) if main else [], out_dir, cfg.to_dict())
     metrics_path, eval_path = out_dir / "metrics.jsonl", out_dir / "eval.jsonl"
 

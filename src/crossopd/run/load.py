@@ -14,6 +14,7 @@ from crossopd.core.tokens import ByteVocab
 from crossopd.models.hub import load_hf_model, load_hf_tokenizer, resolve_device
 from crossopd.models.scoring import check_head
 from crossopd.run.config import ConfigError, TrainConfig
+from crossopd.step.bridge import TemplateError
 from crossopd.step.data import DataError, Example, load_examples
 from crossopd.step.multiturn import Toolbox
 from crossopd.step.sides import (
@@ -141,3 +142,20 @@ def load_toolbox(cfg: TrainConfig) -> Toolbox | None:
             raise ConfigError(f"rollout.tools: {spec!r} is not a function")
     env = import_object(r.environment, "rollout.environment") if r.environment else None
     return Toolbox(tools, env)
+
+
+def check_tool_sides(student: StudentSide, teachers: dict[str, TeacherSide]) -> None:
+    """Before the first step of a run with tools: every side can write a tool call and render
+    a tool turn (a template that drops ``tool_calls`` or a plain template cannot)."""
+    probe = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "probe", "arguments": {}}}]},
+             {"role": "tool", "content": "1"}]
+    for where, side in (("student", student), *((f"teacher {n}", t) for n, t in
+                                                 teachers.items())):
+        try:  # a tool turn first (a plain template has none), then a call in its syntax
+            side.fmt.render([probe[0], {"role": "assistant", "content": "x"}, probe[2]])
+            side.fmt.render(side.tool_syntax().messages(probe))
+        except TemplateError as e:
+            raise ConfigError(f"rollout.tools: the {where} cannot take part in tool "
+                              f"trajectories: {e}") from e
