@@ -209,10 +209,7 @@ def test_content_turns_align_on_their_own_spans(smol, gemma, first, second, resu
     second = second or "done"
     rows = [{"role": "user", "content": "Go."}, {"role": "assistant", "content": first},
             {"role": "tool", "content": result}, {"role": "assistant", "content": second}]
-    try:
-        _, traj, reqs = bridged(smol, gemma, rows, tools=None)
-    except TemplateError:
-        return  # a content the template rewrites (stripped whitespace) has no turn to align
+    _, traj, reqs = bridged(smol, gemma, rows, tools=None)
     for tr in reqs:
         a = check_turn(tr.request, smol.vocab, gemma.vocab)
         if a.bytes_equal:

@@ -76,12 +76,15 @@ def teacher_units(student: StudentSide, teacher: TeacherSide, examples: Sequence
     reqs = dict(zip(single, teacher_requests(student, teacher, [examples[k] for k in single],
                                              [responses[k] for k in single])))
     out: list[Unit] = []
+    # each side's tool syntax, probed once per call (only when there are trajectories)
+    syntax = (student.tool_syntax(), teacher.tool_syntax()) if len(reqs) < len(responses) \
+        else None
     for k, (e, r) in enumerate(zip(examples, responses)):
         if k in reqs:
             out.append(Unit(rollouts[k], 0, len(reqs[k].student_response), reqs[k]))
             continue
-        for tr in turn_requests(e.messages, r, student.tool_syntax(), student.vocab,
-                                teacher.tool_syntax(), teacher.vocab, context=teacher.context,
+        for tr in turn_requests(e.messages, r, syntax[0], student.vocab, syntax[1],
+                                teacher.vocab, context=teacher.context,
                                 reference=e.reference, tools=e.tools):
             out.append(Unit(rollouts[k], tr.start, tr.end, tr.request, tr.reformatted))
     return out
