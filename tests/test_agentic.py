@@ -33,21 +33,17 @@ TRAJECTORY = [{"role": "user", "content": "What is 17*23?"},
               {"role": "assistant", "content": "391"}]
 
 
-@pytest.fixture(scope="module")
-def agent(tiny, tmp_path_factory):
-    """(a tiny student that calls calc in Hermes text, then answers; a tiny teacher whose
-    template writes calls as JSON objects)."""
-    root = tmp_path_factory.mktemp("agent")
-    tok = load_hf_tokenizer(tiny["student"])
+def _taught_student(base: str, tok, syntax_of, out: Path) -> str:
+    """The tiny student ``base`` with ``tok`` taught (200 steps) to call calc in the syntax
+    ``syntax_of(fmt)`` and then answer."""
     fmt = ChatFormat.from_tokenizer(tok)
     _, prompt, traj = trajectory_from_messages(
-        TRAJECTORY, fmt, ByteVocab.from_pretrained(tok), ToolSyntax.of(fmt, "hermes"),
-        [tool_schema(calc)])
+        TRAJECTORY, fmt, ByteVocab.from_pretrained(tok), syntax_of(fmt), [tool_schema(calc)])
     ids = torch.tensor([prompt + traj.ids.tolist()])
     labels = ids.clone()
     labels[0, :len(prompt)] = -100
     labels[0, len(prompt):][~torch.from_numpy(traj.student_mask)] = -100
-    model = load_hf_model(tiny["student"])
+    model = load_hf_model(base)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for _ in range(200):
@@ -56,20 +52,43 @@ def agent(tiny, tmp_path_factory):
         loss.backward()
         opt.step()
     assert loss.item() < 0.01, loss.item()
-    student = root / "student"
-    model.save_pretrained(student)
-    tok.save_pretrained(student)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def agent(tiny, tmp_path_factory):
+    """(a tiny student that calls calc in Hermes text, then answers; a tiny teacher whose
+    template writes calls as JSON objects)."""
+    root = tmp_path_factory.mktemp("agent")
+    student = _taught_student(tiny["student"], load_hf_tokenizer(tiny["student"]),
+                              lambda fmt: ToolSyntax.of(fmt, "hermes"), root / "student")
     gemma = copy.copy(load_hf_tokenizer(tiny["teacher"]))  # the loaded one is shared
     gemma.chat_template = GEMMA_TOOLS
     teacher = tiny_model(gemma, root / "teacher", seed=1)
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": "What is 17*23?", "answer": "391"}) + "\n"
                             for _ in range(8)))
-    return {"student": str(student), "teacher": str(teacher), "data": str(data)}
+    return {"student": student, "teacher": str(teacher), "data": str(data)}
 
 
-def _overrides(agent: dict, out: Path, *extra: str) -> list[str]:
-    return [f"student.model={agent['student']}", "student.tool_format=hermes",
+@pytest.fixture(scope="module")
+def trl_agent(agent, tiny, tmp_path_factory):
+    """The agent with a student whose own template writes tool calls (Qwen 2.5's, which TRL
+    knows how to parse), as TRL's tool loop needs."""
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    tok = copy.copy(load_hf_tokenizer(tiny["student"]))
+    tok.chat_template = qwen2_5_chat_template
+    out = tmp_path_factory.mktemp("trl_agent") / "student"
+    return {**agent, "student": _taught_student(tiny["student"], tok, ToolSyntax.of, out)}
+
+
+def _overrides(agent: dict, out: Path, *extra: str, tool_format: str | None = "hermes"
+               ) -> list[str]:
+    return [f"student.model={agent['student']}",
+            *([f"student.tool_format={tool_format}"] if tool_format else []),
             f"teacher.model={agent['teacher']}", f"data.path={agent['data']}",
             "data.heldout_size=2", "device=cpu", "steps=2", "batch_size=2",
             "rollout.max_new_tokens=40", "rollout.temperature=0.1", "eval_prompts=2",
@@ -156,3 +175,87 @@ def test_an_environment_per_rollout_adds_its_reset_text_and_its_tools():
     assert box.call(fns, {"function": {"name": "nope", "arguments": {}}}).startswith(
         "error: KeyError")
     assert box.counts == {"tool_calls": 2, "tool_failures": 1}
+
+
+def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent, tmp_path):
+    """TRL's own tool loop samples the trajectories (calls parsed by TRL, results rendered by
+    TRL): replayed turn by turn through the native engine's ``take_turn`` they give the same
+    ids (the same tool-result tokens), and the native ``score_rollouts`` on them gives TRL's
+    per-token advantages and loss mask."""
+    from crossopd.engines.trl import opd_args
+    from crossopd.integrations.trl import OPDTrainer, as_dataset
+    from crossopd.integrations.trl_private import rollout_logps
+    from crossopd.run.load import build_sides
+    from crossopd.step.data import Example, load_examples
+    from crossopd.step.multiturn import Episode, Toolbox, take_turn
+    from crossopd.step.score import score_rollouts
+    from crossopd.step.trajectory import end_of_turn_id, student_runs
+
+    cfg = load_config(None, _overrides(trl_agent, tmp_path / "run", "engine=trl",
+                                       "rollout.samples_per_prompt=2", "steps=1",
+                                       "eval_prompts=0", "checkpoint_every=0",
+                                       "rollout.max_new_tokens=80",
+                                       tool_format=None))
+    student, teachers = build_sides(cfg)
+    args = opd_args(cfg, 1)
+    args.max_tool_calling_iterations = 1  # two turns, as rollout.max_turns=2
+    trainer = OPDTrainer(model=student.model, args=args, teachers=teachers, student=student,
+                         train_dataset=as_dataset(load_examples(trl_agent["data"])[:2]),
+                         processing_class=student.tokenizer, tools=[calc])
+    seen: dict = {}
+    score_batch = trainer.score_batch
+
+    def capture(out, inputs, rollout_s):
+        old = rollout_logps(trainer, out)  # the weights the batch is scored with
+        out = score_batch(out, inputs, rollout_s)
+        seen.update(inputs=inputs, old=old, masks=trainer.last_tool_masks,
+                    prompts=trainer.last_prompts, stats=dict(trainer.last_step_stats),
+                    out={k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    trajectories = trainer.trajectories
+
+    def keep(*a):
+        seen["built"] = trajectories(*a)
+        return seen["built"]
+
+    trainer.score_batch, trainer.trajectories = capture, keep
+    trainer.train()
+
+    out, stats = seen["out"], seen["stats"]
+    syntax, eot = student.tool_syntax(), end_of_turn_id(student.fmt)
+    box, schemas = Toolbox([calc]), [tool_schema(calc)]
+    exs, prompts, trajs, old = [], [], [], []
+    for i, mask in enumerate(seen["masks"]):
+        ids = out["completion_ids"][i, :len(mask)].tolist()
+        ex = Example(seen["prompts"][i], answer=seen["inputs"][i]["answer"], tools=schemas)
+        prompt = student.fmt.prompt_ids(syntax.messages(ex.messages), ex.tools)
+        assert prompt == out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
+        ep = Episode(ex, {"calc": calc}, prompt)
+        runs = student_runs(np.asarray(mask, dtype=bool))
+        for k, (start, end) in enumerate(runs):
+            take_turn(ep, ids[start:end], student, syntax, eot, box, last=k == len(runs) - 1)
+            assert ep.ids == ids[:len(ep.ids)]  # TRL's tool-result tokens are the native ones
+        assert ep.ids == ids
+        exs.append(ex)
+        prompts.append(prompt)
+        trajs.append(ep.trajectory())
+        old.append(seen["old"][i, :len(ids)].double())
+    # the trajectories OPDTrainer built from TRL's batch are the native ones, with the same
+    # conversation for the teacher to render
+    built_exs, built = seen["built"]
+    assert built_exs == exs
+    for b, t in zip(built, trajs):
+        assert b.ids.tolist() == t.ids.tolist() and b.turns == t.turns
+        assert b.messages == t.messages and b.unparsed_tool_calls == t.unparsed_tool_calls
+    assert sum(len(t.turns) for t in trajs) > len(trajs)  # the student's calls ran
+    assert box.counts["tool_calls"] == stats["tool_calls"] > 0
+    scored = score_rollouts(student, teachers, exs, prompts, trajs, trainer.settings,
+                            old_logps=old)
+    for k in ("assistant_turns", "env_tokens", "format_tokens", "signal_tokens"):
+        assert stats[k] == scored.stats[k], k
+    assert stats["env_tokens"] > 0 and stats["format_tokens"] > 0
+    for i, (adv, valid) in enumerate(zip(scored.advantages, scored.signal)):
+        n = len(adv)
+        np.testing.assert_allclose(out["advantages"][i, :n].numpy(), adv.numpy(), atol=1e-5)
+        assert out["tool_mask"][i, :n].bool().tolist() == valid.tolist()

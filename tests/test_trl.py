@@ -320,20 +320,29 @@ def test_one_processs_teacher_failure_stops_every_process_with_the_checkpoint(ti
     assert "terminate called" not in r.stderr
 
 
-def test_tool_output_is_refused_never_scored():
-    """TRL's tools put tool results inside a completion (tool_mask 0 there): crossopd would
-    score them as the student's text, so they are refused, in one line."""
-    from crossopd.integrations.trl import OPDConfig, OPDTrainer, check_no_tool_output
+def test_tool_trajectories_that_cannot_be_read_are_refused_in_one_line():
+    """TRL's tool rollouts are scored as trajectories; the shapes crossopd cannot read as
+    assistant turns and environment messages stop the step with what is wrong."""
+    import numpy as np
 
-    mask = torch.ones(2, 4, dtype=torch.long)
-    check_no_tool_output({"completion_mask": mask, "tool_mask": torch.ones(2, 4)})
-    tool = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="a completion holds tool output"):
-        check_no_tool_output({"completion_mask": mask, "tool_mask": tool})
-    with pytest.raises(ValueError, match="tools / environment_factory are not supported yet"):
+    from crossopd.integrations.trl import OPDConfig, OPDTrainer, env_groups
+    from crossopd.step.bridge import TemplateError
+    from crossopd.step.trajectory import trajectory_from_mask
+
+    call = {"role": "assistant", "content": "x"}
+    result = {"role": "tool", "name": "calc", "content": "4"}
+    assert env_groups([call, result, call]) == [[result], []]
+    with pytest.raises(ValueError, match="starts with a 'tool' message"):
+        env_groups([result, call])
+    ids = np.arange(6)
+    with pytest.raises(TemplateError, match="its first token is an environment token"):
+        trajectory_from_mask(ids, np.array([0, 1, 1, 0, 1, 1], bool), [[result]], [], None, None)
+    with pytest.raises(TemplateError, match="every turn but the last must be followed"):
+        trajectory_from_mask(ids, np.array([1, 1, 0, 0, 1, 1], bool), [[], []], [], None, None)
+    with pytest.raises(ValueError, match="a dict environment_factory"):
         OPDTrainer(model="x", teacher="y", args=OPDConfig(output_dir="unused", use_cpu=True,
                                                           report_to="none"),
-                   tools=[len])
+                   environment_factory={"a": object})
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,10 +27,12 @@ from crossopd.core.tokens import ByteVocab
 from crossopd.models.hub import load_hf_model, load_hf_tokenizer
 from crossopd.step.data import Example
 from crossopd.step.loss import LossConfig
+from crossopd.step.multiturn import tool_schema
 from crossopd.step.score import score_rollouts
 from crossopd.step.settings import HELP, StepSettings, TeacherConfig, option
 from crossopd.step.sides import StudentSide, TeacherSide, check_teacher, one_teacher, teacher_side
 from crossopd.step.stats import TEACHER_STATS, StepStats, add_timings, timed
+from crossopd.step.trajectory import Trajectory, trajectory_from_mask
 from crossopd.step.update import advantage_stats
 from crossopd.teachers import TeacherError
 
@@ -42,6 +44,7 @@ try:
         check_private_api,
         log_metrics,
         rollout_logps,
+        rollout_tools,
     )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -160,11 +163,9 @@ class OPDTrainer(GRPOHooks):
         if (teacher is None) == (teachers is None):
             raise ValueError("give exactly one of teacher= (a model, path or URLs) and "
                              "teachers= (built teacher sides)")
-        if kwargs.get("tools") or kwargs.get("environment_factory"):
-            raise ValueError(
-                "OPDTrainer: tools / environment_factory are not supported yet: crossopd would "
-                "score the tool output as if the student had written it. Train on single-turn "
-                "completions")
+        if isinstance(kwargs.get("environment_factory"), Mapping):
+            raise ValueError("OPDTrainer: a dict environment_factory (one environment per "
+                             "dataset row) is not supported yet; pass one factory")
         device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
         if isinstance(model, str):
             processing_class = processing_class or load_hf_tokenizer(model)
@@ -201,18 +202,21 @@ class OPDTrainer(GRPOHooks):
     def score_batch(self, out: dict, inputs: list[dict], rollout_s: float) -> dict:
         times: dict[str, float] = {"rollout": rollout_s}
         c_ids, c_mask = out["completion_ids"], out["completion_mask"]
-        check_no_tool_output(out)
         old = out.get("old_per_token_logps")
         with timed(times, "student_logps"):
             if old is None:  # TRL skips them when on-policy; credit needs the rollout log-probs
                 old = rollout_logps(self, out)
         lengths = c_mask.sum(1).tolist()
-        responses = [row[:n].cpu().numpy() for row, n in zip(c_ids, lengths)]
+        responses: list = [row[:n].cpu().numpy() for row, n in zip(c_ids, lengths)]
         prompts = [p[m.bool()].tolist() for p, m in zip(out["prompt_ids"], out["prompt_mask"])]
         old_list = [row[:n].detach().double().cpu() for row, n in zip(old, lengths)]
+        examples = examples_of(inputs)
+        if self.tools:
+            with timed(times, "trajectories"):
+                examples, responses = self.trajectories(out, examples, responses)
         failure: TeacherError | None = None
         try:
-            scored = score_rollouts(self.student, self.teachers, examples_of(inputs), prompts,
+            scored = score_rollouts(self.student, self.teachers, examples, prompts,
                                     responses, self.settings, old_logps=old_list)
         except TeacherError as e:
             failure = e
@@ -238,6 +242,10 @@ class OPDTrainer(GRPOHooks):
         stats = StepStats(self.last_step_totals).result()
         stats["world_size"] = self.accelerator.num_processes
         stats.update(advantage_stats(scored))  # this process's; the native engine's keys
+        if self.tools:  # the native engine's counts, over every process
+            calls = self.accelerator.gather(torch.tensor([self.last_tool_counts],
+                                                         device=self.accelerator.device))
+            stats["tool_calls"], stats["tool_failures"] = map(float, calls.sum(0).tolist())
         if len(self.teachers) > 1:  # every process gathers every teacher, scored or not
             for name in self.teachers:
                 team = StepStats(self.global_totals(scored.teacher_totals.get(name, {})))
@@ -251,6 +259,28 @@ class OPDTrainer(GRPOHooks):
         log_metrics(self, stats, STAT_PREFIX)
         return out
 
+    def trajectories(self, out: dict, examples: list[Example], responses: list[np.ndarray]
+                     ) -> tuple[list[Example], list[Trajectory]]:
+        """A tool-calling batch as crossopd trajectories: each rollout's prompt as TRL sampled
+        it (an environment's reset text included) with its tool schemas; runs of ``tool_mask``
+        1 are the assistant turns, and the tool messages of TRL's conversational completion
+        the environment turns between them."""
+        syntax = self.student.tool_syntax()
+        schemas: dict[tuple, list[dict]] = {}
+        exs, trajs = [], []
+        for i, (tools, ids) in enumerate(zip(rollout_tools(self, len(examples)), responses)):
+            key = tuple(f.__name__ for f in tools)
+            if key not in schemas:
+                schemas[key] = [tool_schema(f) for f in tools]
+            ex = replace(examples[i], messages=list(self.last_prompts[i]),
+                         tools=schemas[key] or None)
+            mask = np.asarray(self.last_tool_masks[i], dtype=bool)
+            trajs.append(trajectory_from_mask(ids, mask, env_groups(self.last_completions[i]),
+                                              ex.messages, syntax, self.student.vocab,
+                                              ex.tools))
+            exs.append(ex)
+        return exs, trajs
+
     def global_totals(self, totals: dict[str, float]) -> dict[str, float]:
         """StepStats sums over every process's rollouts."""
         keys = StepStats.KEYS
@@ -259,16 +289,19 @@ class OPDTrainer(GRPOHooks):
         return dict(zip(keys, self.accelerator.gather(local).sum(0).tolist()))
 
 
-def check_no_tool_output(out: dict) -> None:
-    """A completion with tool output in it (TRL's ``tool_mask`` 0 inside the completion) is
-    refused: crossopd scores only what the student wrote, and multi-turn trajectories are not
-    supported yet."""
-    mask = out.get("tool_mask")
-    if mask is not None and bool(((mask == 0) & out["completion_mask"].bool()).any()):
-        raise ValueError("crossopd: a completion holds tool output (TRL's tool_mask), which "
-                         "the teacher would score as the student's own text: train on "
-                         "single-turn completions (tool-calling trajectories are not supported "
-                         "yet)")
+def env_groups(completion: Sequence[dict]) -> list[list[dict]]:
+    """TRL's conversational completion (assistant turns, each followed by the tool messages its
+    calls returned) as the environment's messages after each assistant turn."""
+    groups: list[list[dict]] = []
+    for m in completion:
+        if m.get("role") == "assistant":
+            groups.append([])
+        elif groups:
+            groups[-1].append(dict(m))
+        else:
+            raise ValueError(f"TRL's completion starts with a {m.get('role')!r} message, not "
+                             "the student's assistant turn")
+    return groups
 
 
 def examples_of(rows: Sequence[dict]) -> list[Example]:
@@ -285,5 +318,4 @@ def as_dataset(examples: Sequence[Example]) -> Any:
                               for e in examples])
 
 
-__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "check_no_tool_output",
-           "no_reward"]
+__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "env_groups", "no_reward"]

@@ -151,6 +151,45 @@ def trajectory_from_messages(messages: Sequence[Message], fmt: ChatFormat, vocab
     return prompt, fmt.prompt_ids(syntax.messages(prompt), tools), traj
 
 
+def student_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, end) runs of True in a student-token mask: one per assistant turn."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(mask, np.int8), [0]])))
+    return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
+
+
+def trajectory_from_mask(ids: np.ndarray, mask: np.ndarray,
+                         env: Sequence[Sequence[Message]], prompt: Sequence[Message],
+                         syntax: ToolSyntax, vocab: ByteVocab,
+                         tools: list[dict] | None = None) -> Trajectory:
+    """A trajectory another engine sampled (TRL's ``tool_mask``, verl's ``response_mask``):
+    ``ids`` after the prompt, ``mask`` True on the tokens the student sampled, and ``env[k]``
+    the environment's messages after the k-th assistant turn. Each run of True is one assistant
+    turn, read on the student's side as the native engine reads it (``read_turn``); the ids are
+    kept as the engine sampled and rendered them."""
+    ids = np.asarray(ids, dtype=np.int64)
+    turns = student_runs(mask)
+    if mask[:1].size and not mask[0]:
+        raise TemplateError("a trajectory starts with an assistant turn: its first token is "
+                            "an environment token (mask 0)")
+    if len(env) not in (len(turns), len(turns) + 1) or \
+            any(not group for group in env[:len(turns) - 1]):
+        raise TemplateError(f"{len(turns)} assistant turns with environment messages after "
+                            f"{sum(bool(g) for g in env)} of them: every turn but the last "
+                            "must be followed by the environment's messages")
+    eot = end_of_turn_id(syntax.fmt)
+    history, read, unparsed = list(prompt), [], 0
+    for k, (start, end) in enumerate(turns):
+        body = ids[start:end - 1] if ids[end - 1] == eot else ids[start:end]
+        text = vocab.concat_bytes(body).decode("utf-8", errors="replace")
+        message, bad = read_turn(syntax, history, text, tools)
+        unparsed += bad
+        group = list(env[k]) if k < len(env) else []
+        check_env(group, f"after assistant turn {k + 1}")
+        read += [message, *group]
+        history += [message, *group]
+    return Trajectory(ids, tuple(turns), tuple(read), unparsed)
+
+
 def turn_requests(prompt: Sequence[Message], traj: Trajectory, student: ToolSyntax,
                   student_vocab: ByteVocab, teacher: ToolSyntax, teacher_vocab: ByteVocab, *,
                   context: TeacherContext | None = None, reference: str | None = None,
