@@ -125,8 +125,9 @@ def test_native_run_with_tools_trains_two_steps(agent, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["rollout.tools=[user_tools:calc]"], "need rollout.max_turns >= 2"),
     (["rollout.max_turns=3"], "no rollout.tools or rollout.environment is set"),
-    (["rollout.tools=[user_tools:calc]", "rollout.max_turns=2", "engine=trl"],
-     "engine trl does not run crossopd's tool rollouts yet"),
+    (["rollout.tools=[user_tools:calc]", "rollout.max_turns=2", "engine=trl",
+      "rollout.samples_per_prompt=2"],
+     "student.tool_format: engine trl parses the student's tool calls with TRL's parser"),
     (["student.tool_format=xml"], "student.tool_format 'xml': hermes"),
 ])
 def test_tool_settings_errors_name_the_fix(agent, tmp_path, extra, message):
@@ -177,51 +178,50 @@ def test_an_environment_per_rollout_adds_its_reset_text_and_its_tools():
     assert box.counts == {"tool_calls": 2, "tool_failures": 1}
 
 
-def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent, tmp_path):
-    """TRL's own tool loop samples the trajectories (calls parsed by TRL, results rendered by
-    TRL): replayed turn by turn through the native engine's ``take_turn`` they give the same
-    ids (the same tool-result tokens), and the native ``score_rollouts`` on them gives TRL's
-    per-token advantages and loss mask."""
-    from crossopd.engines.trl import opd_args
-    from crossopd.integrations.trl import OPDTrainer, as_dataset
+def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent, tmp_path,
+                                                                      monkeypatch):
+    """``engine: trl`` with ``rollout.tools``, as a user launches it: TRL's own tool loop
+    samples the trajectories (calls parsed by TRL, results rendered by TRL) for 2 steps.
+    Replayed turn by turn through the native engine's ``take_turn``, the last step's rollouts
+    give the same ids (the same tool-result tokens), and the native ``score_rollouts`` on them
+    gives TRL's per-token advantages and loss mask."""
+    from crossopd.integrations.trl import OPDTrainer
     from crossopd.integrations.trl_private import rollout_logps
-    from crossopd.run.load import build_sides
-    from crossopd.step.data import Example, load_examples
+    from crossopd.run.train import train
+    from crossopd.step.data import Example
     from crossopd.step.multiturn import Episode, Toolbox, take_turn
     from crossopd.step.score import score_rollouts
     from crossopd.step.trajectory import end_of_turn_id, student_runs
 
     cfg = load_config(None, _overrides(trl_agent, tmp_path / "run", "engine=trl",
-                                       "rollout.samples_per_prompt=2", "steps=1",
-                                       "eval_prompts=0", "checkpoint_every=0",
-                                       "rollout.max_new_tokens=80",
+                                       "rollout.samples_per_prompt=2", "eval_prompts=0",
+                                       "checkpoint_every=0", "rollout.max_new_tokens=80",
+                                       "rollout.tools=[user_tools:calc]", "rollout.max_turns=2",
                                        tool_format=None))
-    student, teachers = build_sides(cfg)
-    args = opd_args(cfg, 1)
-    args.max_tool_calling_iterations = 1  # two turns, as rollout.max_turns=2
-    trainer = OPDTrainer(model=student.model, args=args, teachers=teachers, student=student,
-                         train_dataset=as_dataset(load_examples(trl_agent["data"])[:2]),
-                         processing_class=student.tokenizer, tools=[calc])
     seen: dict = {}
-    score_batch = trainer.score_batch
+    score_batch, trajectories = OPDTrainer.score_batch, OPDTrainer.trajectories
 
-    def capture(out, inputs, rollout_s):
-        old = rollout_logps(trainer, out)  # the weights the batch is scored with
-        out = score_batch(out, inputs, rollout_s)
-        seen.update(inputs=inputs, old=old, masks=trainer.last_tool_masks,
-                    prompts=trainer.last_prompts, stats=dict(trainer.last_step_stats),
+    def capture(self, out, inputs, rollout_s):
+        old = rollout_logps(self, out)  # the weights the batch is scored with
+        out = score_batch(self, out, inputs, rollout_s)
+        seen.update(trainer=self, inputs=inputs, old=old, masks=self.last_tool_masks,
+                    prompts=self.last_prompts, stats=dict(self.last_step_stats),
                     out={k: v.detach().clone() for k, v in out.items()})
         return out
 
-    trajectories = trainer.trajectories
-
-    def keep(*a):
-        seen["built"] = trajectories(*a)
+    def keep(self, *a):
+        seen["built"] = trajectories(self, *a)
         return seen["built"]
 
-    trainer.score_batch, trainer.trajectories = capture, keep
-    trainer.train()
+    monkeypatch.setattr(OPDTrainer, "score_batch", capture)
+    monkeypatch.setattr(OPDTrainer, "trajectories", keep)
+    train(cfg, progress=False)
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["assistant_turns"] > r["sequences"] and r["tool_calls"] > 0 for r in rows)
 
+    trainer = seen["trainer"]
+    student, teachers = trainer.student, trainer.teachers
     out, stats = seen["out"], seen["stats"]
     syntax, eot = student.tool_syntax(), end_of_turn_id(student.fmt)
     box, schemas = Toolbox([calc]), [tool_schema(calc)]
@@ -252,6 +252,7 @@ def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent
     assert box.counts["tool_calls"] == stats["tool_calls"] > 0
     scored = score_rollouts(student, teachers, exs, prompts, trajs, trainer.settings,
                             old_logps=old)
+    assert rows[-1]["assistant_turns"] == scored.stats["assistant_turns"]
     for k in ("assistant_turns", "env_tokens", "format_tokens", "signal_tokens"):
         assert stats[k] == scored.stats[k], k
     assert stats["env_tokens"] > 0 and stats["format_tokens"] > 0

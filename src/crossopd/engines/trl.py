@@ -70,12 +70,23 @@ def opd_args(cfg: TrainConfig, world_size: int) -> OPDConfig:
         special_penalty=cfg.rollout.special_penalty,
         opd_max_batch_tokens=cfg.max_batch_tokens,
     )
+    if cfg.rollout.tools or cfg.rollout.environment:
+        # TRL counts the tool rounds after the first turn; crossopd counts assistant turns
+        kwargs["max_tool_calling_iterations"] = cfg.rollout.max_turns - 1
     # transformers renamed gradient_checkpointing (deprecated from 5.2x on)
     names = {f.name for f in dataclasses.fields(OPDConfig)}
     kwargs["activation_checkpointing" if "activation_checkpointing" in names
            else "gradient_checkpointing"] = False
     kwargs.update(extra)
     return OPDConfig(**kwargs)
+
+
+def tool_kwargs(run: Run) -> dict[str, Any]:
+    """The run's tools as ``GRPOTrainer`` takes them (``tools``, ``environment_factory``)."""
+    box = run.toolbox
+    if box is None:
+        return {}
+    return {"tools": list(box.tools) or None, "environment_factory": box.environment}
 
 
 def lora_config(cfg: TrainConfig) -> Any:
@@ -168,7 +179,7 @@ class TRLEngine:
                                       processing_class=run.student.tokenizer,
                                       peft_config=lora_config(cfg), teachers=run.teachers,
                                       teacher_mix=cfg.teacher_mix or None,
-                                      student=run.student)
+                                      student=run.student, **tool_kwargs(run))
         finally:
             if saved is None:
                 os.environ.pop("TENSORBOARD_LOGGING_DIR", None)

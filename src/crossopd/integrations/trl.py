@@ -313,9 +313,7 @@ def as_dataset(examples: Sequence[Example]) -> Any:
     """A ``datasets.Dataset`` of crossopd examples, in the row layout ``OPDTrainer`` reads."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": e.messages, "answer": e.answer,
-                               "reference": e.reference, "teacher": e.teacher}
-                              for e in examples])
+    return Dataset.from_list([e.row() for e in examples])
 
 
 __all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "env_groups", "no_reward"]

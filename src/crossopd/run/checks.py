@@ -97,14 +97,17 @@ def validate(cfg: Any) -> None:
 
 
 def check_tools(cfg: Any) -> None:
-    """Tools run in the native engine's multi-turn rollouts; a tool needs a second turn."""
+    """Tools run in the native engine's multi-turn rollouts and in TRL's tool loop; a tool
+    needs a second turn."""
     r = cfg.rollout
     has_tools = bool(r.tools or r.environment)
     if r.max_turns < 1:
         raise ConfigError(f"rollout.max_turns must be at least 1, got {r.max_turns}")
-    if has_tools and cfg.engine != "native":
-        raise ConfigError(f"rollout.tools / rollout.environment: engine {cfg.engine} does not "
-                          "run crossopd's tool rollouts yet; use engine: native")
+    if has_tools and cfg.engine == "trl" and cfg.student.tool_format:
+        raise ConfigError("student.tool_format: engine trl parses the student's tool calls with "
+                          "TRL's parser for the student's own chat template; unset it and use a "
+                          "student whose template writes tool calls (Qwen 2.5 / Qwen 3 style), "
+                          "or use engine: native")
     if has_tools and r.max_turns < 2:
         raise ConfigError("rollout.tools / rollout.environment need rollout.max_turns >= 2: "
                           "the turn after a tool call is where its result is used")

@@ -71,14 +71,15 @@ class RolloutConfig:
     top_p: float = option(1.0, "Nucleus sampling.")
     special_tokens: str = option("penalize", HELP["special_tokens"])
     special_penalty: float = option(5.0, HELP["special_penalty"])
-    tools: list[str] = option(list, "Engine native: tools the student may call, as "
+    tools: list[str] = option(list, "Tools the student may call, as "
                                     "`package.module:function` (TRL's tools: name, type hints "
                                     "and docstring define each).")
-    environment: str | None = option(None, "Engine native: `package.module:Factory` of an "
+    environment: str | None = option(None, "`package.module:Factory` of an "
                                            "environment per rollout (TRL's environment_factory: "
                                            "a reset method; its public methods are tools).")
     max_turns: int = option(1, "Assistant turns of a rollout with tools (a turn without a tool "
-                               "call ends it).")
+                               "call ends it; engine trl: TRL's max_tool_calling_iterations "
+                               "+ 1).")
 
 
 @dataclass

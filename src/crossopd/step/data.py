@@ -22,6 +22,13 @@ class Example:
     teacher: str | None = None  # the teacher that scores it (None: the run's first)
     tools: list[dict] | None = None  # tool definitions both templates render into the prompt
 
+    def row(self) -> dict:
+        """The example as a dataset row, TRL's layout (``prompt`` is the messages): what
+        ``OPDTrainer`` trains on and what an environment's ``reset(**row)`` receives in every
+        engine."""
+        return {"prompt": self.messages, "answer": self.answer, "reference": self.reference,
+                "teacher": self.teacher}
+
 
 def resolve_path(path: str) -> Path:
     if path.startswith("bundled:"):

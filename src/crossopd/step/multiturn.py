@@ -52,7 +52,7 @@ class Toolbox:
             if not callable(getattr(env, "reset", None)):
                 raise TypeError("an environment needs a reset method (TRL's environment_factory "
                                 "shape)")
-            extra = env.reset(**{"messages": example.messages, "answer": example.answer})
+            extra = env.reset(**example.row())
             for name, _ in inspect.getmembers(type(env), predicate=inspect.isfunction):
                 if name not in ("reset", "get_reward") and not name.startswith("_"):
                     fns[name] = getattr(env, name)
