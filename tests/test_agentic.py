@@ -12,49 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_trajectory import GEMMA_TOOLS
 from user_tools import Calculator, Hinting, calc
 
-from crossopd.core.tokens import ByteVocab
-from crossopd.models.hub import load_hf_model, load_hf_tokenizer
+from crossopd.models.hub import load_hf_tokenizer
 from crossopd.run.config import ConfigError, load_config
-from crossopd.step.bridge import ChatFormat
 from crossopd.step.multiturn import tool_schema
 from crossopd.step.tool_calls import ToolSyntax
-from crossopd.step.trajectory import trajectory_from_messages
 
-from tiny_models import tiny_model
-
-CALL = {"type": "function", "function": {"name": "calc", "arguments": {"expr": "17*23"}}}
-TRAJECTORY = [{"role": "user", "content": "What is 17*23?"},
-              {"role": "assistant", "content": "", "tool_calls": [CALL]},
-              {"role": "tool", "content": "391"},
-              {"role": "assistant", "content": "391"}]
-
-
-def _taught_student(base: str, tok, syntax_of, out: Path) -> str:
-    """The tiny student ``base`` with ``tok`` taught (200 steps) to call calc in the syntax
-    ``syntax_of(fmt)`` and then answer."""
-    fmt = ChatFormat.from_tokenizer(tok)
-    _, prompt, traj = trajectory_from_messages(
-        TRAJECTORY, fmt, ByteVocab.from_pretrained(tok), syntax_of(fmt), [tool_schema(calc)])
-    ids = torch.tensor([prompt + traj.ids.tolist()])
-    labels = ids.clone()
-    labels[0, :len(prompt)] = -100
-    labels[0, len(prompt):][~torch.from_numpy(traj.student_mask)] = -100
-    model = load_hf_model(base)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(200):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.01, loss.item()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+from tiny_models import CALL, taught_tool_student, tiny_tool_teacher
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +27,9 @@ def agent(tiny, tmp_path_factory):
     """(a tiny student that calls calc in Hermes text, then answers; a tiny teacher whose
     template writes calls as JSON objects)."""
     root = tmp_path_factory.mktemp("agent")
-    student = _taught_student(tiny["student"], load_hf_tokenizer(tiny["student"]),
+    student = taught_tool_student(tiny["student"], load_hf_tokenizer(tiny["student"]),
                               lambda fmt: ToolSyntax.of(fmt, "hermes"), root / "student")
-    gemma = copy.copy(load_hf_tokenizer(tiny["teacher"]))  # the loaded one is shared
-    gemma.chat_template = GEMMA_TOOLS
-    teacher = tiny_model(gemma, root / "teacher", seed=1)
+    teacher = tiny_tool_teacher(root)
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": "What is 17*23?", "answer": "391"}) + "\n"
                             for _ in range(8)))
@@ -82,7 +45,7 @@ def trl_agent(agent, tiny, tmp_path_factory):
     tok = copy.copy(load_hf_tokenizer(tiny["student"]))
     tok.chat_template = qwen2_5_chat_template
     out = tmp_path_factory.mktemp("trl_agent") / "student"
-    return {**agent, "student": _taught_student(tiny["student"], tok, ToolSyntax.of, out)}
+    return {**agent, "student": taught_tool_student(tiny["student"], tok, ToolSyntax.of, out)}
 
 
 def _overrides(agent: dict, out: Path, *extra: str, tool_format: str | None = "hermes"

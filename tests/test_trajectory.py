@@ -23,20 +23,7 @@ from crossopd.step.trajectory import read_turn, trajectory_from_messages, turn_r
 
 from reference import brute_force_sync_offsets, check_alignment, chunk_spans
 from strategies import texts
-
-# A Gemma-style chat template that writes a call as one JSON object with "parameters" (Llama 3's
-# custom tool syntax) and a tool result as a user turn: the bundled Gemma 3 270M is a base model
-GEMMA_TOOLS = (
-    "{% for m in messages %}"
-    "{% if m.role == 'assistant' %}<start_of_turn>model\n"
-    "{% if m.content %}{{ m.content }}{% endif %}"
-    "{% for c in m.tool_calls or [] %}"
-    "{{ {'name': c.function.name, 'parameters': c.function.arguments} | tojson }}"
-    "{% endfor %}<end_of_turn>\n"
-    "{% elif m.role == 'tool' %}<start_of_turn>user\nTool result: {{ m.content }}<end_of_turn>\n"
-    "{% else %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+from tiny_models import GEMMA_TOOLS
 
 CALC = {"type": "function", "function": {
     "name": "calc", "description": "Evaluate arithmetic",
@@ -330,3 +317,46 @@ def test_a_step_trains_assistant_turns_only(tiny, gemma):
     assert st["format_tokens"] > 0 and st["unaligned_tokens"] == 0
     assert st["stop_chunks"] == 2 and st["stop_rate"] == 1.0
     assert st["signal_tokens"] == int(valid.sum())
+
+
+def test_a_verl_sample_is_read_from_its_student_tokens_where_verl_stopped(smol):
+    """verl's tool agent loop keeps no assistant message for a last turn it stopped at its
+    length or turn limit, and keeps the tool messages whose tokens no longer fitted: the
+    worker reads the sample from its student tokens, and the environment after its last turn
+    is never scored."""
+    from crossopd.integrations.verl.targets import sample_response
+    from crossopd.step.sides import StudentSide
+
+    student = StudentSide(model=None, tokenizer=smol.tok, fmt=smol.fmt, vocab=smol.vocab,
+                          pad_id=0, tool_format="hermes")
+    prompt, _, traj = trajectory_from_messages(CONVERSATION, smol.fmt, smol.vocab, smol.syntax,
+                                               [CALC])
+    mask, kept = traj.student_mask, list(traj.messages)
+
+    def read(n: int, messages: list) -> object:
+        return sample_response(student, prompt, traj.ids[:n], mask[:n],
+                               {"messages": messages, "tools": [CALC]})
+
+    whole = read(len(traj.ids), kept)
+    assert whole.turns == traj.turns and whole.messages == traj.messages
+    assert whole.env_tokens == traj.env_tokens > 0
+    cut = len(traj.ids) - 2  # the last turn cut by the length limit: no message kept for it
+    short = read(cut, kept[:2])
+    assert short.turns == (traj.turns[0], (traj.turns[1][0], cut))
+    assert short.messages[:2] == traj.messages[:2]
+    first = traj.turns[0][1]  # the tool result did not fit: its message kept, no tokens
+    dropped = read(first, kept[:2])
+    assert dropped.turns == (traj.turns[0],) and dropped.env_tokens == 0
+    assert sample_response(student, prompt, traj.ids, mask, None) is traj.ids
+
+
+def test_a_trajectory_file_is_told_from_a_file_of_multi_turn_prompts():
+    """A multi-turn prompt holds assistant turns too, but ends with the user's: only rows
+    ending with an assistant turn are checked as trajectories."""
+    from pathlib import Path
+
+    from crossopd.step.data import is_trajectory_file
+
+    examples = Path(__file__).parents[1] / "examples"
+    assert is_trajectory_file(str(examples / "trajectories.jsonl"))
+    assert not is_trajectory_file(str(examples / "verl" / "multiturn_chat.jsonl"))

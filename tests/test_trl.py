@@ -325,14 +325,14 @@ def test_tool_trajectories_that_cannot_be_read_are_refused_in_one_line():
     assistant turns and environment messages stop the step with what is wrong."""
     import numpy as np
 
-    from crossopd.integrations.trl import OPDConfig, OPDTrainer, env_groups
+    from crossopd.integrations.trl import OPDConfig, OPDTrainer
     from crossopd.step.bridge import TemplateError
-    from crossopd.step.trajectory import trajectory_from_mask
+    from crossopd.step.trajectory import env_groups, trajectory_from_mask
 
     call = {"role": "assistant", "content": "x"}
     result = {"role": "tool", "name": "calc", "content": "4"}
     assert env_groups([call, result, call]) == [[result], []]
-    with pytest.raises(ValueError, match="starts with a 'tool' message"):
+    with pytest.raises(TemplateError, match="starts with a 'tool' message"):
         env_groups([result, call])
     ids = np.arange(6)
     with pytest.raises(TemplateError, match="its first token is an environment token"):

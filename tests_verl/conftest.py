@@ -10,9 +10,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-from tiny_models import tiny_models  # noqa: E402
+from tiny_models import tiny_models, tiny_tool_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     return tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tool_teacher(tmp_path_factory):
+    """A tiny Gemma-tokenizer teacher whose template renders tool turns (calls as JSON
+    objects)."""
+    return tiny_tool_teacher(tmp_path_factory.mktemp("tool_teacher"))

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).parents[1]
 
 KEYS = {"steps_done", "trainer", "teacher_mode", "opd", "seconds", "native"}
 
@@ -42,3 +45,51 @@ def test_verls_trainer_runs_crossopd_end_to_end(mode, tiny, tmp_path):
     assert n["ok"] and n["mask_equal"] and n["sequences"] == 8
     assert n["max_abs_diff_targets"] == 0.0 and n["max_abs_diff_metrics"] <= 1e-9
     assert n["max_abs_diff_teacher_logprobs"] <= 1e-4
+
+
+def test_verls_tool_agent_loop_trains_crossopd_on_tool_trajectories(tiny, tool_teacher,
+                                                                   tmp_path):
+    """The shipped tool-calling launch (examples/verl/tools_vllm_teacher.sh), scaled down:
+    verl's tool agent loop (crossopd_tool_agent) runs the student's calls through verl's
+    function tool, crossopd's HTTP teacher scores each assistant turn in its own template
+    (tool results as its own turns, calls as JSON objects), 2 steps of verl's trainer. The
+    student (SmolLM2's tokenizer with Qwen 2.5's chat template, which renders tools) is first
+    taught to call calc in Hermes syntax, so its rollouts really call it. Every trained
+    trajectory is recomputed by the native step library, turn by turn."""
+    import copy
+
+    from verl.tools.function_tool import load_function_tools_from_path
+
+    from crossopd.models.hub import load_hf_tokenizer
+    from crossopd.step.tool_calls import ToolSyntax
+
+    from tiny_models import taught_tool_student
+
+    (tool,) = load_function_tools_from_path(str(ROOT / "examples" / "verl" / "calc_tools.py"))
+    tok = copy.copy(load_hf_tokenizer(tiny["student"]))
+    tok.chat_template = load_hf_tokenizer("qwen2.5-coder-1.5b").chat_template
+    student = taught_tool_student(tiny["student"], tok, ToolSyntax.of, tmp_path / "student",
+                                  tool.tool_schema.model_dump(exclude_unset=True,
+                                                              exclude_none=True))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "What is 17*23?", "answer": "391"}) + "\n"
+                            for _ in range(8)))
+    out = subprocess.run([sys.executable, "-m", "crossopd.integrations.verl.smoke",
+                          "--teacher-mode", "http", "--launch",
+                          str(ROOT / "examples" / "verl" / "tools_vllm_teacher.sh"),
+                          "--steps", "2", "--out", str(tmp_path / "run"), "--student", student,
+                          "--teacher", tool_teacher, "--data", str(data),
+                          "--max-new-tokens", "96", "--max-prompt-tokens", "384", "--json"],
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:] + (tmp_path / "run" / "http" /
+                                                      "verl.log").read_text(
+        errors="replace")[-6000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["ok"] and r["steps_done"] == 2 and r["trainer"] == "v1"
+    opd = r["opd"]
+    assert opd["sequences"] == 4 and opd["assistant_turns"] > opd["sequences"]
+    assert opd["env_tokens"] > 0 and opd["format_tokens"] > 0 and opd["signal_tokens"] > 0
+    n = r["native"]
+    assert n["ok"] and n["mask_equal"] and n["trajectories"] == n["sequences"] == 8
+    assert n["max_abs_diff_targets"] == 0.0 and n["max_abs_diff_metrics"] <= 1e-9
+    assert n["native_env_tokens"] > 0

@@ -25,7 +25,7 @@ from crossopd.step.bridge import (
     TemplateError,
     build_teacher_request,
 )
-from crossopd.step.data import DataError, has_assistant_turns
+from crossopd.step.data import DataError, is_trajectory_file
 
 SAMPLE_TEXTS = (
     "The answer is 42. First, 17 + 25 = 42; then we check it twice.",
@@ -119,9 +119,9 @@ def check_data(path: str, s_fmt: ChatFormat | None, t_fmt: ChatFormat | None,
     return info
 
 
-def is_trajectory_file(path: str) -> bool:
+def trajectory_file(path: str) -> bool:
     try:
-        return has_assistant_turns(path)
+        return is_trajectory_file(path)
     except DataError:
         return False  # not a json file of conversations: checked as prompts
 
@@ -162,7 +162,7 @@ def run_doctor(student: str, teacher: str, teacher_template: str | None = None,
         # a scoring request asks for one token beyond the prompt
         t_fmt = dataclasses.replace(t_fmt, max_length=int(server["max_model_len"]) - 1)
     data_info = trajectories = None
-    if data and s_fmt and t_fmt and is_trajectory_file(data):
+    if data and s_fmt and t_fmt and trajectory_file(data):
         from crossopd.cli.doctor_trajectories import check_trajectories
 
         decoder = load_hf_tokenizer(teacher)

@@ -32,7 +32,7 @@ from crossopd.step.score import score_rollouts
 from crossopd.step.settings import HELP, StepSettings, TeacherConfig, option
 from crossopd.step.sides import StudentSide, TeacherSide, check_teacher, one_teacher, teacher_side
 from crossopd.step.stats import TEACHER_STATS, StepStats, add_timings, timed
-from crossopd.step.trajectory import Trajectory, trajectory_from_mask
+from crossopd.step.trajectory import Trajectory, env_groups, trajectory_from_mask
 from crossopd.step.update import advantage_stats
 from crossopd.teachers import TeacherError
 
@@ -289,21 +289,6 @@ class OPDTrainer(GRPOHooks):
         return dict(zip(keys, self.accelerator.gather(local).sum(0).tolist()))
 
 
-def env_groups(completion: Sequence[dict]) -> list[list[dict]]:
-    """TRL's conversational completion (assistant turns, each followed by the tool messages its
-    calls returned) as the environment's messages after each assistant turn."""
-    groups: list[list[dict]] = []
-    for m in completion:
-        if m.get("role") == "assistant":
-            groups.append([])
-        elif groups:
-            groups[-1].append(dict(m))
-        else:
-            raise ValueError(f"TRL's completion starts with a {m.get('role')!r} message, not "
-                             "the student's assistant turn")
-    return groups
-
-
 def examples_of(rows: Sequence[dict]) -> list[Example]:
     return [Example(messages=list(r["prompt"]), answer=r.get("answer"),
                     reference=r.get("reference"), teacher=r.get("teacher")) for r in rows]
@@ -316,4 +301,4 @@ def as_dataset(examples: Sequence[Example]) -> Any:
     return Dataset.from_list([e.row() for e in examples])
 
 
-__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "env_groups", "no_reward"]
+__all__ = ["OPDConfig", "OPDTrainer", "as_dataset", "build_teacher", "no_reward"]

@@ -95,11 +95,12 @@ class TrajectoryRow:
     tools: list[dict] | None = None
 
 
-def has_assistant_turns(path: str) -> bool:
-    """Whether the first row of a jsonl/json file holds an assistant turn (a trajectory file)."""
+def is_trajectory_file(path: str) -> bool:
+    """Whether the first row of a jsonl/json file is a complete conversation, ending with an
+    assistant turn (a trajectory file); a multi-turn prompt ends with the user's turn."""
     rows = _json_rows(resolve_path(path), limit=1)
-    return any(m.get("role") == "assistant" for m in rows[0].get("messages") or []) \
-        if rows else False
+    messages = (rows[0].get("messages") or [{}]) if rows else [{}]
+    return isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
 
 
 def load_trajectories(path: str) -> list[TrajectoryRow]:

@@ -26,7 +26,7 @@ from crossopd.step.bridge import TeacherRequest, align_bridged
 from crossopd.step.data import Example
 from crossopd.step.loss import advantages
 from crossopd.step.settings import StepSettings
-from crossopd.step.sides import StudentSide, Teachers
+from crossopd.step.sides import StudentSide, Teachers, TeacherSide
 from crossopd.step.stats import TEACHER_STATS, StepStats, add_timings, timed
 from crossopd.step.teaching import Unit, assignments, mix_targets, score_all, teacher_units
 from crossopd.step.trajectory import Trajectory
@@ -162,6 +162,27 @@ def score_rollouts(
     scored.times = times
     scored.teacher_totals = {name: dict(st.totals) for name, st in team.items()}
     return scored
+
+
+def rollout_credit(student: StudentSide, teacher: TeacherSide, units: Sequence[Unit],
+                   teacher_logps: Sequence[np.ndarray | None], old: np.ndarray,
+                   settings: StepSettings, response: np.ndarray | Trajectory
+                   ) -> tuple[np.ndarray, StepStats]:
+    """One rollout scored by one teacher, on its own (an engine that scores a sample at a
+    time): ``units`` are its requests in order, ``old`` its rollout log-probs. The target of
+    each response token (NaN outside assistant turns and where there is no signal) and the
+    rollout's statistics, as ``score_rollouts`` computes them without a mix."""
+    q, stats = np.full(len(old), np.nan), StepStats()
+    for j, (u, lp) in enumerate(zip(units, teacher_logps, strict=True)):
+        o = old[u.start:u.end]
+        c = credit_targets(u.request, lp, o, student.vocab, teacher.vocab,
+                           rule=settings.credit, special_penalty=settings.penalty)
+        q[u.start:u.end] = c.targets
+        stats.add(c.alignment, u.request, o, c.kl_targets, penalized=int(c.penalized.sum()),
+                  new_sequence=j == 0, reformatted=u.reformatted)
+    if isinstance(response, Trajectory):
+        stats.add_environment(response.env_tokens, response.unparsed_tool_calls)
+    return q, stats
 
 
 def student_logps(student: StudentSide, sequences: list[list[int]],

@@ -157,6 +157,22 @@ def student_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
 
 
+def env_groups(conversation: Sequence[Message]) -> list[list[Message]]:
+    """The messages after a prompt as another engine keeps them (each assistant turn followed
+    by the tool messages its calls returned) as the environment's messages after each
+    assistant turn."""
+    groups: list[list[Message]] = []
+    for m in conversation:
+        if m.get("role") == "assistant":
+            groups.append([])
+        elif groups:
+            groups[-1].append(dict(m))
+        else:
+            raise TemplateError(f"the conversation after the prompt starts with a "
+                                f"{m.get('role')!r} message, not the student's assistant turn")
+    return groups
+
+
 def trajectory_from_mask(ids: np.ndarray, mask: np.ndarray,
                          env: Sequence[Sequence[Message]], prompt: Sequence[Message],
                          syntax: ToolSyntax, vocab: ByteVocab,

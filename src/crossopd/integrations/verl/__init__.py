@@ -8,7 +8,10 @@ in verl.
 - ``worker``: the agent-loop manager and worker whose teacher step (``teacher_step``) is
   crossopd's: bridge, teacher scoring of the response bytes, DPCA, credit on the rollout
   log-probs; tokens without a signal leave ``response_mask``.
-- ``targets``: that teacher step as plain functions of one sample (no verl types).
+- ``targets``: that teacher step as plain functions of one sample (no verl types): a single
+  response, or a trajectory of assistant turns and tool results.
+- ``tool_agent``: ``crossopd_tool_agent``, verl's tool agent loop handing the worker the
+  conversation it kept (what the teacher's rendering of a trajectory needs).
 - ``sampler``: verl's replay buffer reporting crossopd's per-step counts (``opd/...``).
 - ``check`` (``python -m crossopd.integrations.verl.check``) compares the worker's step and the
   losses with the native step library; ``smoke`` (``python -m

@@ -29,7 +29,6 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
@@ -53,53 +52,94 @@ def plugin_loaded() -> bool:
             and "hf" in RolloutReplicaRegistry._registry)
 
 
-def rollouts(examples: list, max_new_tokens: int, seed: int) -> tuple:
-    """Native rollouts and their native scoring on the bundled pair."""
+def student_of(model: str, tool_format: str | None) -> Any:
     from crossopd.models.hub import load_hf_model, load_hf_tokenizer
-    from crossopd.models.scoring import score_sequences
-    from crossopd.step.rollout import sample_rollouts
-    from crossopd.step.score import score_rollouts
     from crossopd.step.sides import StudentSide
 
-    s_tok = load_hf_tokenizer("smollm2")
-    student = StudentSide.from_model(load_hf_model("smollm2", device="cpu"), s_tok)
-    step = build_step(s_tok)
-    torch.manual_seed(seed)
-    exs, prompts, responses = sample_rollouts(
-        student, examples, replace(step.step, max_new_tokens=max_new_tokens))
-    seqs = [list(p) + r.tolist() for p, r in zip(prompts, responses)]
-    spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, responses)]
+    tok = load_hf_tokenizer(model)
+    return replace(StudentSide.from_model(load_hf_model(model, device="cpu"), tok),
+                   tool_format=tool_format)
+
+
+def rollout_logps(student: Any, prompts: list, responses: list) -> list[torch.Tensor]:
+    from crossopd.models.scoring import score_sequences
+    from crossopd.step.score import response_ids
+
+    ids = [response_ids(r) for r in responses]
+    seqs = [list(p) + r.tolist() for p, r in zip(prompts, ids)]
+    spans = [(len(p), len(p) + len(r)) for p, r in zip(prompts, ids)]
     with torch.no_grad():
-        old = [o.double() for o in score_sequences(student.model, seqs, spans)]
-    native = score_rollouts(student, step.teachers, exs, prompts, responses,
-                            step.step, old_logps=old)
-    return step, exs, prompts, responses, old, native
+        return [o.double() for o in score_sequences(student.model, seqs, spans)]
 
 
-def build_step(s_tok: Any) -> Any:
+def rollouts(student: Any, step: Any, examples: list, max_new_tokens: int, seed: int
+             ) -> tuple:
+    """Native rollouts of ``student`` on ``examples``."""
+    from crossopd.step.rollout import sample_rollouts
+
+    torch.manual_seed(seed)
+    return sample_rollouts(student, examples, replace(step.step, max_new_tokens=max_new_tokens))
+
+
+def trajectories(student: Any, path: str) -> tuple:
+    """The complete trajectories of ``path`` on the student's side: each assistant turn
+    spelled in the student's tokens, each environment turn rendered by its template."""
+    from crossopd.step.data import Example, load_trajectories
+    from crossopd.step.trajectory import trajectory_from_messages
+
+    syntax = student.tool_syntax()
+    exs, prompts, trajs = [], [], []
+    for row in load_trajectories(path):
+        prompt, ids, traj = trajectory_from_messages(row.messages, student.fmt, student.vocab,
+                                                     syntax, row.tools)
+        exs.append(Example(prompt, tools=row.tools))
+        prompts.append(ids)
+        trajs.append(traj)
+    return exs, prompts, trajs
+
+
+def build_step(s_tok: Any, teacher: str = "gemma3-270m", tool_format: str | None = "hermes"
+               ) -> Any:
     from omegaconf import OmegaConf
 
     from crossopd.integrations.verl.teacher_step import teacher_step
+    from crossopd.models.hub import load_hf_tokenizer
 
+    # a base model reads the demo's plain prompt format
+    fmt = {} if getattr(load_hf_tokenizer(teacher), "chat_template", None) else PLAIN
     # max_batch_tokens=1: the teacher scores every sequence in a forward pass of its own, in
     # the native step (which batches a step's requests) as in the worker (one sample at a
-    # time), so float32 batching noise is not mistaken for a difference in the targets
-    config = OmegaConf.create({"crossopd": {"teacher": {"model": "gemma3-270m", **PLAIN},
-                                            "max_batch_tokens": 1}})
+    # time), so float32 batching noise is not mistaken for a difference in the targets;
+    # multi_turn.format: verl's tool parser (its default, hermes), the student's call syntax
+    config = OmegaConf.create({
+        "crossopd": {"teacher": {"model": teacher, "tool_format": tool_format, **fmt},
+                     "max_batch_tokens": 1},
+        "actor_rollout_ref": {"rollout": {"multi_turn": {"format": tool_format}}}})
     return teacher_step(config, s_tok)
 
 
 def worker_outputs(step: Any, mode: str, exs: list, prompts: list, responses: list,
                    old: list) -> list[tuple[Any, torch.Tensor | None]]:
-    """Each rollout through the worker's teacher step in ``mode``: (verl's output, advantage)."""
+    """Each rollout through the worker's teacher step in ``mode``: (verl's output, advantage).
+    A trajectory comes as crossopd's tool agent loop hands it over: its student tokens in
+    ``response_mask``, its conversation in ``extra_fields``."""
     from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    from crossopd.integrations.verl.targets import CONVERSATION
+    from crossopd.step.trajectory import Trajectory
 
     step = replace(step, signal=mode)
 
-    async def one(ex: Any, p: list, r: np.ndarray, o: torch.Tensor) -> tuple:
-        out = AgentLoopOutput(prompt_ids=list(p), response_ids=r.tolist(),
-                              response_mask=[1] * len(r), response_logprobs=o.tolist(),
-                              num_turns=2, metrics=AgentLoopMetrics())
+    async def one(ex: Any, p: list, r: Any, o: torch.Tensor) -> tuple:
+        if isinstance(r, Trajectory):
+            extra = {CONVERSATION: {"messages": [dict(m) for m in r.messages],
+                                    "tools": ex.tools}}
+            ids, mask, turns = r.ids, r.student_mask.astype(int).tolist(), len(r.messages) + 1
+        else:
+            extra, ids, mask, turns = {}, r, [1] * len(r), 2
+        out = AgentLoopOutput(prompt_ids=list(p), response_ids=ids.tolist(),
+                              response_mask=mask, response_logprobs=o.tolist(),
+                              num_turns=turns, metrics=AgentLoopMetrics(), extra_fields=extra)
         return out, await step.run(out, {"raw_prompt": ex.messages})
 
     async def every() -> list:
@@ -228,33 +268,57 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m crossopd.integrations.verl.check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="JSONL/JSON/Parquet with `messages` or `prompt` rows "
-                   "(default: the bundled prompts)")
+                   "(default: the bundled prompts), or a JSONL/JSON file of complete "
+                   "trajectories (rows whose messages hold assistant and tool turns)")
+    p.add_argument("--student", default="smollm2",
+                   help="HF directory, hub id or bundled name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--teacher", default="gemma3-270m",
+                   help="HF directory, hub id or bundled name of another family (default: Gemma "
+                        "3 270M in the demo's plain format; trajectories need a teacher whose "
+                        "chat template renders tool turns)")
+    p.add_argument("--tool-format", default="hermes",
+                   help="how a side whose template has no tool-call syntax writes a call "
+                        "(verl's multi_turn.format; default hermes)")
     p.add_argument("--limit", type=int, default=8, help="rollouts to check (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
     from crossopd.models.hub import quiet_hf
-    from crossopd.step.data import load_examples
+    from crossopd.step.data import is_trajectory_file, load_examples
+    from crossopd.step.score import score_rollouts
 
     quiet_hf()
     loaded = plugin_loaded()
-    examples = load_examples(args.data or "bundled:counts")[: args.limit]
-    step, exs, prompts, responses, old, native = rollouts(examples, args.max_new_tokens,
-                                                          args.seed)
+    student = student_of(args.student, args.tool_format)
+    step = build_step(student.tokenizer, args.teacher, args.tool_format)
+    if args.data and is_trajectory_file(args.data):
+        exs, prompts, responses = trajectories(student, args.data)
+        exs, prompts, responses = (x[: args.limit] for x in (exs, prompts, responses))
+    else:
+        examples = load_examples(args.data or "bundled:counts")[: args.limit]
+        exs, prompts, responses = rollouts(student, step, examples, args.max_new_tokens,
+                                           args.seed)
+    old = rollout_logps(student, prompts, responses)
+    native = score_rollouts(student, step.teachers, exs, prompts, responses, step.step,
+                            old_logps=old)
     pool = worker_outputs(step, "pool", exs, prompts, responses, old)
     advantage = worker_outputs(step, "advantage", exs, prompts, responses, old)
     d_targets, d_adv, equal = compare_worker(pool, advantage, native)
     current = perturbed(old, args.seed)
     result = {"sequences": len(exs), "coverage": native.stats["coverage"],
               "signal_tokens": native.stats["signal_tokens"],
+              "assistant_turns": native.stats["assistant_turns"],
+              "env_tokens": native.stats["env_tokens"],
+              "format_tokens": native.stats["format_tokens"],
               "max_abs_diff_targets": d_targets, "max_abs_diff_advantages": d_adv,
               "mask_equal": equal,
+              "max_abs_diff_stats": stats_difference(pool, native),
               "max_abs_diff_loss": distillation_loss_parity(pool, old, current),
               "max_abs_diff_policy_loss": policy_loss_parity(advantage, old, current, native),
               "plugin_loaded": loaded}
     result["ok"] = (loaded and equal and d_targets <= TARGET_TOLERANCE
-                    and d_adv <= TARGET_TOLERANCE
+                    and d_adv <= TARGET_TOLERANCE and result["max_abs_diff_stats"] <= 1e-9
                     and result["max_abs_diff_loss"] <= LOSS_TOLERANCE
                     and result["max_abs_diff_policy_loss"] <= POLICY_LOSS_TOLERANCE)
     if args.json:
@@ -263,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in result.items():
             print(f"{k:<26} {v}")
     return 0 if result["ok"] else 1
+
+
+def stats_difference(pool: list, native: Any) -> float:
+    """The worker's per-sample counts, summed as verl's sampler sums them, against the native
+    step's statistics of the same rollouts (seconds aside)."""
+    from crossopd.integrations.verl.teacher_step import STATS_FIELD, opd_metrics
+    from crossopd.step.stats import TIMING_PREFIX
+
+    mine = opd_metrics([out.extra_fields[STATS_FIELD] for out, _ in pool])
+    return max(abs(mine[f"opd/{k}"] - v) for k, v in native.stats.items()
+               if f"opd/{k}" in mine and not k.startswith(TIMING_PREFIX))
 
 
 if __name__ == "__main__":

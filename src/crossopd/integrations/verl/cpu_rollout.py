@@ -55,6 +55,13 @@ class HFServer:
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.stop_ids = set(eos) | ({tokenizer.eos_token_id} - {None})
+        if getattr(tokenizer, "chat_template", None):
+            # a chat model's turn ends at its template's end-of-turn, as crossopd's own
+            # rollouts end it (a checkpoint's generation config may name only the document's
+            # end, and a turn would run on to the length limit)
+            from crossopd.step.bridge import ChatFormat
+
+            self.stop_ids |= set(ChatFormat.from_tokenizer(tokenizer).stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
             min(self.stop_ids)
         self.global_steps: int | None = None

@@ -27,6 +27,7 @@ from crossopd.step.settings import StepSettings
 SAMPLER_PATH = "pkg://crossopd.integrations.verl.sampler"
 SAMPLER_NAME = "CrossOPDReplayBuffer"
 ESTIMATOR = "crossopd"
+TOOL_AGENT = "crossopd_tool_agent"  # crossopd.integrations.verl.tool_agent
 
 
 @dataclass
@@ -154,6 +155,12 @@ def check_launch(config: Any) -> VerlSettings:
     _need(not actor.use_kl_loss and not config.algorithm.use_kl_in_reward,
           "set actor_rollout_ref.actor.use_kl_loss=False and algorithm.use_kl_in_reward=False: "
           "OPD's reverse KL to the teacher is already the per-token signal")
+    multi = rollout.get("multi_turn") or {}
+    loop = rollout.agent.get("default_agent_loop")
+    _need(not multi.get("enable") or loop in (TOOL_AGENT, "single_turn_agent"),
+          f"actor_rollout_ref.rollout.agent.default_agent_loop={loop} with multi_turn.enable: "
+          f"set it to {TOOL_AGENT} (verl's tool agent loop that hands crossopd the "
+          "conversation, which the teacher's rendering of a trajectory needs)")
     dist = _section(config, "distillation")
     enabled = bool(dist and dist.get("enabled"))
     if settings.own_teacher:

@@ -8,6 +8,8 @@ The laptop check of a launch before it goes to a cluster.
   ``crossopd serve-teacher`` this command starts on 127.0.0.1 (the launch's ``vllm serve``).
 - ``pool``: ``examples/verl/paper_qwen3_8b_teacher_llama31_8b_student.sh``; verl's teacher pool
   (its replicas on crossopd's CPU rollout) serves the cross-family teacher.
+- ``--launch examples/verl/tools_vllm_teacher.sh`` (mode ``http``): tool calling in verl's tool
+  agent loop (crossopd's ``crossopd_tool_agent``), each sample a trajectory scored turn by turn.
 - ``builtin``: verl's own same-tokenizer OPD (its agent loop, the student as its own teacher,
   its ``k3`` loss) on the same models and data: the baseline of the cost measurement.
 
@@ -43,6 +45,7 @@ EXAMPLES = ROOT / "examples" / "verl"
 SCRIPTS = {"http": "one_gpu_vllm_teacher.sh",
            "pool": "paper_qwen3_8b_teacher_llama31_8b_student.sh",
            "builtin": "paper_qwen3_8b_teacher_llama31_8b_student.sh"}
+TOOL_FILE = "actor_rollout_ref.rollout.multi_turn.function_tool_path"
 # a base model reads a plain prompt format (the bundled Gemma; the demo's format)
 PLAIN = {"plain_template": "Question: {prompt}\nAnswer:", "stop": "\n\nQuestion:"}
 
@@ -74,6 +77,7 @@ class Launch:
     steps: int = 2
     batch: int = 4
     max_new: int = 24
+    max_prompt: int = 64
     url: str | None = None  # crossopd's HTTP teacher (mode http)
     served_name: str = "teacher"
     device: str = "cpu"
@@ -111,7 +115,7 @@ def overrides(script: Path, launch: Launch) -> list[str]:
     mode = launch.mode
     change: dict[str, Any] = {
         "data.train_files": launch.data[0], "data.val_files": launch.data[1],
-        "data.train_batch_size": launch.batch, "data.max_prompt_length": 64,
+        "data.train_batch_size": launch.batch, "data.max_prompt_length": launch.max_prompt,
         "data.max_response_length": launch.max_new, "data.dataloader_num_workers": 0,
         "actor_rollout_ref.model.path": launch.student,
         "actor_rollout_ref.model.use_remove_padding": False,
@@ -153,6 +157,10 @@ def overrides(script: Path, launch: Launch) -> list[str]:
     change.update({k: v for k, v in device.items()
                    if mode != "http" or not k.startswith("distillation.")})
     base = script_overrides(script)
+    for item in base:  # verl runs in the run directory: a launch's relative tool file is the
+        key, value = item.split("=", 1)  # repository's (examples/verl/calc_tools.py)
+        if key.lstrip("+~") == TOOL_FILE and not Path(value).is_absolute():
+            change[TOOL_FILE] = ROOT / value
     if mode == "builtin":  # verl's own OPD: its agent loop and sampler, its k3 loss
         base = [o for o in base if not o.lstrip("+").startswith(
             ("crossopd.", "actor_rollout_ref.rollout.agent.agent_loop_manager_class",
@@ -235,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-name", default="teacher",
                    help="with --teacher-url: the model name it serves (default: teacher)")
     p.add_argument("--batch", type=int, default=4, help="prompts per step (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="verl's data.max_response_length (a tool trajectory's whole response)")
+    p.add_argument("--max-prompt-tokens", type=int, default=64,
+                   help="verl's data.max_prompt_length (tool definitions in a chat template's "
+                        "system prompt take a few hundred)")
     p.add_argument("--out", default="runs/verl_smoke", help="run directory")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the verl run")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -275,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}/v1"
         server = serve_teacher(teacher, port, out / "teacher.log")
     launch = Launch(args.teacher_mode, student, teacher, fmt, data, out, args.steps, args.batch,
-                    args.max_new_tokens, url, args.served_name if args.teacher_url else "teacher",
-                    args.device)
+                    args.max_new_tokens, args.max_prompt_tokens, url,
+                    args.served_name if args.teacher_url else "teacher", args.device)
     try:
         cmd = overrides(script, launch)
         (out / "overrides.txt").write_text("\n".join(cmd) + "\n")

@@ -18,11 +18,13 @@ from typing import Any
 
 import ray
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
+from crossopd.integrations.verl import tool_agent  # noqa: F401 - registers crossopd_tool_agent
 from crossopd.integrations.verl.settings import check_launch
-from crossopd.integrations.verl.targets import TrajectoryError
+from crossopd.integrations.verl.targets import CONVERSATION, TrajectoryError
 from crossopd.integrations.verl.teacher_step import teacher_step
 
 SUPPORTED = "verl==0.9.1"
@@ -33,6 +35,8 @@ SIGNATURES: dict[tuple[type, str], tuple[str, ...]] = {
     (AgentLoopWorker, "_compute_teacher_logprobs"): ("output", "prompt_ids", "response_ids",
                                                      "validate", "sample_kwargs"),
     (ReplayBuffer, "sample"): ("global_steps", "partition_id", "batch_size"),
+    (ToolAgentLoop, "run"): ("sampling_params", "priority", "kwargs"),
+    (ToolAgentLoop, "_handle_pending_state"): ("agent_data", "sampling_params"),
 }
 
 
@@ -66,7 +70,9 @@ class CrossOPDAgentLoopWorker(WorkerTQ):
         outputs = output if isinstance(output, list) else [output]
         if outputs:
             final = outputs[-1]
-            if not validate:
+            if validate:  # no teacher step: the conversation is not stored with the sample
+                final.extra_fields.pop(CONVERSATION, None)
+            else:
                 if len(outputs) > 1:
                     raise TrajectoryError(f"crossopd: an agent loop with {len(outputs)} outputs "
                                           "per sample cannot be scored as one response")
