@@ -201,8 +201,10 @@ def test_trl_private_api_shim_fails_loudly_on_changed_signatures():
     )
 
     check_private_api()
+    # the methods the step runs through, and the two the tool loop's trajectories are read from
     assert set(SIGNATURES) == {"_generate_and_score_completions",
-                               "_get_per_token_logps_and_entropies", "_save_checkpoint"}
+                               "_get_per_token_logps_and_entropies", "_save_checkpoint",
+                               "_generate", "_tool_call_loop"}
 
     class Moved(GRPOTrainer):
         def _get_per_token_logps_and_entropies(self, model, batch, logits_to_keep):

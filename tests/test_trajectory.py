@@ -360,3 +360,37 @@ def test_a_trajectory_file_is_told_from_a_file_of_multi_turn_prompts():
     examples = Path(__file__).parents[1] / "examples"
     assert is_trajectory_file(str(examples / "trajectories.jsonl"))
     assert not is_trajectory_file(str(examples / "verl" / "multiturn_chat.jsonl"))
+
+
+def test_align_shows_a_trajectory_with_its_environment_and_format_stretches(smol, gemma,
+                                                                            tmp_path, capsys):
+    """``crossopd align --trajectories``: every token of the trajectory is in exactly one row;
+    the environment's tokens and the call syntax the teacher writes otherwise have rows of
+    their own kinds (and colours), as many tokens as the step library counts."""
+    from pathlib import Path
+
+    from crossopd.cli.main import main
+    from crossopd.step.data import load_trajectories
+
+    teacher = tmp_path / "teacher"
+    gemma.tok.save_pretrained(teacher)  # Gemma's tokenizer with a template that writes calls
+    data = Path(__file__).parents[1] / "examples" / "trajectories.jsonl"
+    page = tmp_path / "view.html"
+    assert main(["align", "--student", "smollm2", "--teacher", str(teacher), "--trajectories",
+                 str(data), "--tool-format", "hermes", "--json", "--html", str(page)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    row = load_trajectories(str(data))[0]
+    _, _, traj = trajectory_from_messages(row.messages, smol.fmt, smol.vocab, smol.syntax,
+                                          row.tools)
+    tokens = {k: sum(len(c["student_ids"]) for c in r["chunks"] if c["kind"] == k)
+              for k in ("environment", "format")}
+    assert r["assistant_turns"] == 2 and tokens["environment"] == r["env_tokens"] \
+        == traj.env_tokens > 0
+    assert tokens["format"] == r["format_tokens"] > 0
+    assert sum(len(c["student_ids"]) for c in r["chunks"]) == len(traj.ids)
+    # the format stretches are the two call syntaxes: Hermes tags against a JSON object's keys
+    fmt = [(c["student_pieces"], c["teacher_pieces"]) for c in r["chunks"]
+           if c["kind"] == "format"]
+    assert (["arguments"], ["parameters"]) in fmt
+    html = page.read_text()
+    assert 'class="env"' in html and 'class="fmt"' in html and "environment (never" in html

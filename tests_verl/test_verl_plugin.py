@@ -30,14 +30,16 @@ def test_entry_point_registers_crossopd_on_import_verl():
 
 
 @pytest.mark.parametrize("data", [None, "examples/verl/multiturn_chat.jsonl"])
-def test_worker_and_losses_match_the_native_step(data, capsys):
+def test_worker_and_losses_match_the_native_step(data, tiny, capsys):
     """The worker's teacher step in both modes gives the native step's targets, advantages and
     signal mask; verl's distillation loss with loss_mode=crossopd and verl's PPO loss on the
     crossopd estimator's advantages are crossopd's policy loss: on the bundled prompts and on
     multi-turn chat prompts."""
     from crossopd.integrations.verl.check import main
 
-    args = ["--limit", "6", "--json"] + (["--data", str(ROOT / data)] if data else [])
+    # the tiny pair (real SmolLM2 and Gemma 3 tokenizers): docs/scale.md has the bundled one's
+    args = ["--limit", "6", "--json", "--student", tiny["student"], "--teacher",
+            tiny["teacher"]] + (["--data", str(ROOT / data)] if data else [])
     code = main(args)
     r = json.loads(capsys.readouterr().out)
     assert code == 0 and r["ok"], r
@@ -93,7 +95,7 @@ def test_missing_teacher_is_one_line():
                                      "teacher": {"urls": ["http://x"]}}))
 
 
-def test_multi_turn_trajectory_is_refused_in_one_line():
+def test_multi_turn_trajectory_is_refused_in_one_line(tiny):
     """A response with tool tokens inside it (mask 0) is never scored as one response."""
     import asyncio
 
@@ -103,7 +105,7 @@ def test_multi_turn_trajectory_is_refused_in_one_line():
     from crossopd.integrations.verl.targets import TrajectoryError
     from crossopd.models.hub import load_hf_tokenizer
 
-    step = build_step(load_hf_tokenizer("smollm2"))
+    step = build_step(load_hf_tokenizer("smollm2"), tiny["teacher"])
     out = AgentLoopOutput(prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7],
                           response_mask=[1, 0, 0, 1], response_logprobs=[-1.0] * 4,
                           num_turns=4, metrics=AgentLoopMetrics())

@@ -18,9 +18,14 @@ class ChunkRow:
     teacher_ids: list[int]
     student_pieces: list[bytes]
     teacher_pieces: list[bytes]
+    # in a trajectory: "environment" (tokens the student did not write, never trained) or
+    # "format" (a tool call's syntax where the teacher scores its own: no signal)
+    role: str | None = None
 
     @property
     def kind(self) -> str:
+        if self.role is not None:
+            return self.role
         if self.index < 0:
             return "unaligned"
         return "1:1" if len(self.student_ids) == 1 and len(self.teacher_ids) == 1 else "m:n"
@@ -95,20 +100,30 @@ def _pieces(pieces: list[bytes]) -> str:
     )
 
 
+# the kinds of row and their colours: terminal escape, HTML class, HTML background
+KINDS = {"1:1": ("\x1b[2m", "one", None), "m:n": ("\x1b[33m", "many", "#fff3b0"),
+         "unaligned": ("\x1b[31m", "un", "#ffc9c9"),
+         "environment": ("\x1b[36m", "env", "#e3e3e3"), "format": ("\x1b[34m", "fmt", "#cfe2ff")}
+LEGEND = {"many": "m:n chunk", "un": "unaligned", "env": "environment (never trained)",
+          "fmt": "tool-call syntax the teacher scores in its own (no signal)"}
+
+
 def render_terminal(rows: list[ChunkRow], stats: dict, color: bool, max_rows: int = 200) -> str:
-    yellow, red, dim, reset = ("\x1b[33m", "\x1b[31m", "\x1b[2m", "\x1b[0m") if color else ("",) * 4
+    reset = "\x1b[0m" if color else ""
+    trajectory = "".join(f"  {k.replace('_', ' ')} {stats[k]}" for k in
+                         ("assistant_turns", "env_tokens", "format_tokens") if k in stats)
     out = [
         f"chunks {stats['num_chunks']}  coverage {stats['coverage']:.4f}  "
         f"1:1 share {stats['one_to_one_share']:.3f}  m:n chunks {stats['many_chunks']}  "
         f"unaligned student tokens {stats['unaligned_student_tokens']}  "
-        f"bytes equal {stats['bytes_equal']}",
-        f"{'chunk':>6}  {'kind':<9}  student pieces  ||  teacher pieces",
+        f"bytes equal {stats['bytes_equal']}{trajectory}",
+        f"{'chunk':>6}  {'kind':<11}  student pieces  ||  teacher pieces",
     ]
     for row in rows[:max_rows]:
-        tint = {"1:1": dim, "m:n": yellow, "unaligned": red}[row.kind]
+        tint = KINDS[row.kind][0] if color else ""
         label = "-" if row.index < 0 else str(row.index)
         out.append(
-            f"{tint}{label:>6}  {row.kind:<9}  {_pieces(row.student_pieces)}  ||  "
+            f"{tint}{label:>6}  {row.kind:<11}  {_pieces(row.student_pieces)}  ||  "
             f"{_pieces(row.teacher_pieces)}{reset}"
         )
     if len(rows) > max_rows:
@@ -119,7 +134,7 @@ def render_terminal(rows: list[ChunkRow], stats: dict, color: bool, max_rows: in
 def render_html(rows: list[ChunkRow], stats: dict, student: str, teacher: str) -> str:
     spans, table = [], []
     for row in rows:
-        cls = {"1:1": "one", "m:n": "many", "unaligned": "un"}[row.kind]
+        cls = KINDS[row.kind][1]
         tip = f"student: {_pieces(row.student_pieces)}\nteacher: {_pieces(row.teacher_pieces)}"
         spans.append(
             f'<span class="{cls}" title="{html.escape(tip)}">{html.escape(row.text)}</span>'
@@ -132,20 +147,24 @@ def render_html(rows: list[ChunkRow], stats: dict, student: str, teacher: str) -
     summary = ", ".join(
         f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()
     )
+    shown = {KINDS[r.kind][1] for r in rows}
+    styles = " ".join(f".{c} {{ background: {bg}; }}" for _, c, bg in KINDS.values() if bg)
+    legend = ", ".join(f'<span class="{c}">{LEGEND[c]}</span>' for c in LEGEND
+                       if c in shown or c in ("many", "un"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>crossopd alignment</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 .text {{ white-space: pre-wrap; font-family: monospace; line-height: 1.9; }}
 .text span {{ border: 1px solid #ccc; border-radius: 3px; padding: 0 1px; margin: 0 1px; }}
-.many {{ background: #fff3b0; }} .un {{ background: #ffc9c9; }}
+{styles}
 table {{ border-collapse: collapse; font-family: monospace; margin-top: 2em; }}
 td, th {{ border: 1px solid #ddd; padding: 2px 6px; text-align: left; white-space: pre; }}
 </style></head><body>
 <h1>Chunk alignment</h1>
 <p>student <b>{html.escape(student)}</b> vs teacher <b>{html.escape(teacher)}</b></p>
 <p>{html.escape(summary)}</p>
-<p>Each box is one chunk (hover for the pieces); yellow: m:n chunk, red: unaligned.</p>
+<p>Each box is one chunk (hover for the pieces); {legend}.</p>
 <div class="text">{"".join(spans)}</div>
 <table><tr><th>chunk</th><th>kind</th><th>student pieces</th><th>teacher pieces</th></tr>
 {"".join(table)}
