@@ -187,6 +187,8 @@ def trajectory_from_mask(ids: np.ndarray, mask: np.ndarray,
     if mask[:1].size and not mask[0]:
         raise TemplateError("a trajectory starts with an assistant turn: its first token is "
                             "an environment token (mask 0)")
+    # one group more than turns: the engine cut the trajectory at its length limit before
+    # the last turn it kept a message for; that turn's environment has no tokens here
     if len(env) not in (len(turns), len(turns) + 1) or \
             any(not group for group in env[:len(turns) - 1]):
         raise TemplateError(f"{len(turns)} assistant turns with environment messages after "

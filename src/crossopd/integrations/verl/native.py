@@ -72,8 +72,11 @@ def compare(out: Path, student: str, t_cfg: TeacherConfig, logged: dict[str, flo
     native = score_rollouts(s_side, {"teacher": t_side}, exs, [r["prompt_ids"] for r in records],
                             responses, settings, old_logps=old)
     d_teacher, d_targets, mask_equal = 0.0, 0.0, True
+    per_rollout: dict[int, list[int]] = {}  # each rollout's units (indices), in order
+    for k, u in enumerate(native.units):
+        per_rollout.setdefault(u.rollout, []).append(k)
     for i, (r, response, o) in enumerate(zip(records, responses, old)):
-        units = [k for k, u in enumerate(native.units) if u.rollout == i]
+        units = per_rollout.get(i, [])
         run_lps = [None if lp is None else np.asarray(lp) for lp in r["teacher_logprobs"]]
         mine = [native.teacher_logps[k] for k in units]
         if len(run_lps) != len(units) or any((a is None) != (b is None)
