@@ -92,6 +92,7 @@ def test_native_run_with_tools_trains_two_steps(agent, tmp_path):
       "rollout.samples_per_prompt=2"],
      "student.tool_format: engine trl parses the student's tool calls with TRL's parser"),
     (["student.tool_format=xml"], "student.tool_format 'xml': hermes"),
+    (["rollout.unparsed_calls=drop"], "rollout.unparsed_calls 'drop': one of score, mask"),
 ])
 def test_tool_settings_errors_name_the_fix(agent, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -147,7 +148,9 @@ def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent
     samples the trajectories (calls parsed by TRL, results rendered by TRL) for 2 steps.
     Replayed turn by turn through the native engine's ``take_turn``, the last step's rollouts
     give the same ids (the same tool-result tokens), and the native ``score_rollouts`` on them
-    gives TRL's per-token advantages and loss mask."""
+    gives TRL's per-token credit targets, advantages and loss mask."""
+    import torch
+
     from crossopd.integrations.trl import OPDTrainer
     from crossopd.integrations.trl_private import rollout_logps
     from crossopd.run.train import train
@@ -176,6 +179,15 @@ def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent
         seen["built"] = trajectories(self, *a)
         return seen["built"]
 
+    import crossopd.integrations.trl as trl_engine
+
+    score_trl = trl_engine.score_rollouts
+
+    def keep_scored(*a, **k):
+        seen["scored"] = score_trl(*a, **k)
+        return seen["scored"]
+
+    monkeypatch.setattr(trl_engine, "score_rollouts", keep_scored)
     monkeypatch.setattr(OPDTrainer, "score_batch", capture)
     monkeypatch.setattr(OPDTrainer, "trajectories", keep)
     train(cfg, progress=False)
@@ -223,3 +235,7 @@ def test_trl_tool_rollouts_are_scored_as_the_native_engine_scores_them(trl_agent
         n = len(adv)
         np.testing.assert_allclose(out["advantages"][i, :n].numpy(), adv.numpy(), atol=1e-5)
         assert out["tool_mask"][i, :n].bool().tolist() == valid.tolist()
+    # the credit targets themselves (NaN where no signal), not only their advantages
+    for got, want in zip(seen["scored"].targets, scored.targets, strict=True):
+        assert torch.isfinite(want).any()
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6, equal_nan=True)

@@ -32,6 +32,24 @@ def test_align_json_on_real_cross_family_pair(capsys, get_vocab):
         assert sv.concat_bytes(c["student_ids"]) == c["text"].encode()
 
 
+def test_json_stdout_is_the_result_alone(capsys, monkeypatch):
+    """With --json, stdout carries one object: whatever a library prints to stdout while the
+    command runs (DeepSpeed announces its accelerator when first imported) goes to stderr."""
+    import crossopd.cli.view as cli_view
+    real = cli_view.alignment_json
+
+    def noisy(*a, **k):
+        print("[WARNING] Setting accelerator to CPU.")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli_view, "alignment_json", noisy)
+    assert main(["align", "--student", "smollm2", "--teacher", "gemma3-270m", "--text", "hi",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["coverage"] == 1.0
+    assert "Setting accelerator to CPU" in err
+
+
 def test_align_terminal_and_html(tmp_path, capsys):
     page = tmp_path / "view.html"
     f = tmp_path / "resp.bin"

@@ -101,11 +101,15 @@ def check_turn(req, sv: ByteVocab, tv: ByteVocab):
 
 def test_the_student_side_is_its_templates_rendering_and_env_tokens_are_counted(smol):
     """prompt ids + trajectory ids decode to the student's template rendering of the whole
-    conversation (calls as Hermes text, SmolLM2's template has no tool syntax); the tokens
-    outside the assistant turns are the environment's, counted exactly."""
+    conversation (calls as Hermes text, SmolLM2's template has no tool syntax, so the tool
+    definitions go into a system message); the tokens outside the assistant turns are the
+    environment's, counted exactly."""
     prompt_ids, traj, _ = bridged(smol, smol, CONVERSATION)
-    full = smol.fmt.render_fn(smol.syntax.messages(CONVERSATION), False, [CALC])
+    full = smol.syntax.fmt.render_fn(smol.syntax.messages(CONVERSATION), False, [CALC])
     assert smol.decode(prompt_ids + traj.ids.tolist()) == full.rstrip("\n")
+    prompt = smol.decode(prompt_ids)
+    assert prompt.startswith("<|im_start|>system\n") and '"name": "calc"' in prompt
+    assert "<tool_call>" in prompt  # the definitions say how to call
     assert len(traj.turns) == 2 and traj.unparsed_tool_calls == 0
     env = [traj.ids[e:s] for (_, e), (s, _) in zip(traj.turns, traj.turns[1:])]
     assert smol.decode(env[0]) == "\n<|im_start|>tool\n391<|im_end|>\n<|im_start|>assistant\n"
@@ -394,3 +398,74 @@ def test_align_shows_a_trajectory_with_its_environment_and_format_stretches(smol
     assert (["arguments"], ["parameters"]) in fmt
     html = page.read_text()
     assert 'class="env"' in html and 'class="fmt"' in html and "environment (never" in html
+
+
+def test_unparsed_calls_mask_takes_the_signal_from_a_turn_whose_call_does_not_parse(tiny,
+                                                                                      gemma):
+    """``unparsed_calls: mask``: a turn that opens a call in some syntax but does not parse gets
+    no signal (every token but a penalised special one NaN) and its tokens are counted; the
+    other turns' targets are those of ``score``, the default, which scores the turn verbatim.
+    An engine that scores a rollout at a time (``rollout_credit``, the verl worker) agrees."""
+    from dataclasses import replace
+
+    from crossopd.models.hub import load_hf_model
+    from crossopd.step.data import Example
+    from crossopd.step.score import rollout_credit, score_rollouts
+    from crossopd.step.settings import StepSettings
+    from crossopd.step.sides import StudentSide, TeacherSide, one_teacher
+    from crossopd.teachers.hf import HFTeacher
+
+    s_tok = load_hf_tokenizer(tiny["student"])
+    student = replace(StudentSide.from_model(load_hf_model(tiny["student"]), s_tok),
+                      tool_format="hermes")
+    teacher = TeacherSide.from_tokenizer(HFTeacher(load_hf_model(tiny["teacher"])),
+                                         gemma.tok, fmt=gemma.fmt)
+    broken = '<tool_call>{"name": "calc", "arguments": {"expr": 17*23}}</tool_call>'
+    rows = [CONVERSATION[0], {"role": "assistant", "content": broken},
+            {"role": "tool", "content": "error: not JSON"}, CONVERSATION[3]]
+    ex = Example(rows[:1], tools=[CALC])
+    _, prompt_ids, traj = trajectory_from_messages(rows, student.fmt, student.vocab,
+                                                   student.tool_syntax(), [CALC])
+    assert traj.unparsed_tool_calls == 1
+    out = {}
+    for policy in ("score", "mask"):
+        settings = StepSettings.build(unparsed_calls=policy)
+        out[policy] = score_rollouts(student, one_teacher(teacher), [ex], [prompt_ids], [traj],
+                                     settings)
+        s = out[policy]
+        assert [u.unparsed for u in s.units] == [True, False]
+        q, _ = rollout_credit(student, teacher, s.units, s.teacher_logps,
+                              s.old_logps[0].numpy(), settings, traj)
+        np.testing.assert_array_equal(q, s.targets[0].numpy())
+    a, (start, end) = traj.turns
+    scored, masked = out["score"], out["mask"]
+    assert not np.isnan(scored.targets[0].numpy()[a[0]:a[1]]).all()
+    assert np.isnan(masked.targets[0].numpy()[a[0]:a[1]]).all()
+    assert not masked.signal[0].numpy()[a[0]:a[1]].any()
+    np.testing.assert_array_equal(masked.targets[0].numpy()[start:end],
+                                  scored.targets[0].numpy()[start:end])
+    assert masked.stats["masked_unparsed_tokens"] == a[1] - a[0]
+    assert scored.stats["masked_unparsed_tokens"] == 0
+    assert masked.stats["unparsed_tool_calls"] == scored.stats["unparsed_tool_calls"] == 1
+    assert masked.stats["signal_tokens"] == scored.stats["signal_tokens"] - (a[1] - a[0])
+
+
+def test_hermes_puts_the_tool_definitions_where_the_template_drops_them(smol, qwen):
+    """SmolLM2's template drops ``tools``: with ``tool_format: hermes`` the definitions go into a
+    system message (Qwen 2.5's words and layout), in the student's prompt and in every later
+    rendering of the conversation alike; Qwen's own template renders them itself, unchanged."""
+    from crossopd.step.tool_calls import renders_tools
+
+    user = CONVERSATION[:1]
+    assert not renders_tools(smol.fmt) and renders_tools(qwen.fmt)
+    text = smol.syntax.fmt.render(user, True, [CALC])
+    assert "<tools>\n" + json.dumps(CALC) + "\n</tools>" in text
+    assert text.index("<tools>") < text.index("What is 17*23?")
+    assert smol.fmt.render(user, True, [CALC]) == smol.fmt.render(user, True, None)
+    system = [{"role": "system", "content": "Be brief."}, *user]
+    assert "Be brief.\n\n# Tools" in smol.syntax.fmt.render(system, True, [CALC])
+    assert qwen.syntax.fmt.render(user, True, [CALC]) == qwen.fmt.render(user, True, [CALC])
+    # the trajectory's prompt ids are the prompt with the definitions
+    _, prompt_ids, _ = trajectory_from_messages(CONVERSATION, smol.fmt, smol.vocab, smol.syntax,
+                                                [CALC])
+    assert "<tools>" in smol.decode(prompt_ids)

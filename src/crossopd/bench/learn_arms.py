@@ -156,25 +156,36 @@ def run_uld(models: dict, preset: Any, seed: int, train_set, test_set,
     return {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve}
 
 
-
-
 def oracle_scored(scored: Scored, prefix: PrefixLogprobs, sv: Any, tv: Any,
-                  special_penalty: float | None, clamp: float) -> Scored:
+                  special_penalty: float | None, clamp: float, min_mass: float = 0.0,
+                  mask_unparsed: bool = False) -> Scored:
     """``scored`` with its targets replaced by the oracle's (``bench.oracle.rollout_oracle``:
     the teacher's exact byte-marginal log-prob of each student token, read off the same
     requests, alignments and teacher log-probs), the same special-token penalties, and the
-    advantages recomputed; everything else, statistics included, as scored."""
-    targets = rollout_oracle(prefix, sv, tv, scored.requests, scored.alignments,
-                             scored.teacher_logps)
-    qs, advs, signal = [], [], []
-    for q, req, old in zip(targets, scored.requests, scored.old_logps):
-        penalize_specials(q, old.numpy(), req, sv.special, special_penalty)
+    advantages recomputed; everything else, statistics included, as scored. Each scored unit
+    (a response, or one assistant turn of a trajectory) gets its own span's targets; a
+    trajectory's environment tokens stay without signal, and with ``mask_unparsed`` so do
+    turns whose tool call did not parse (as ``unparsed_calls: mask``). ``min_mass`` as
+    ``rollout_oracle``'s (0: exact)."""
+    live = [k for k, u in enumerate(scored.units) if not (mask_unparsed and u.unparsed)]
+    found = rollout_oracle(prefix, sv, tv, [scored.requests[k] for k in live],
+                           [scored.alignments[k] for k in live],
+                           [scored.teacher_logps[k] for k in live], min_mass=min_mass)
+    qs = [np.full(len(old), np.nan) for old in scored.old_logps]
+    per_unit = dict(zip(live, found))
+    for k, u in enumerate(scored.units):
+        old = scored.old_logps[u.rollout].numpy()[u.start:u.end]
+        q_u = per_unit.get(k, np.full(u.end - u.start, np.nan))
+        penalize_specials(q_u, old, u.request, sv.special, special_penalty)
+        qs[u.rollout][u.start:u.end] = q_u
+    targets, advs, signal = [], [], []
+    for q, old in zip(qs, scored.old_logps):
         q_t = torch.from_numpy(q)
         a, v = advantages(q_t, old, clamp)
-        qs.append(q_t)
+        targets.append(q_t)
         advs.append(a)
         signal.append(v)
-    return dataclasses.replace(scored, targets=qs, advantages=advs, signal=signal)
+    return dataclasses.replace(scored, targets=targets, advantages=advs, signal=signal)
 
 
 def one_to_one_scored(scored: Scored, clamp: float) -> tuple[Scored, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,13 +61,25 @@ def _wrap(tok_obj: Any) -> Any:
     return t
 
 
-def train_teacher_tokenizer(corpus: list[str], vocab_size: int = 300) -> Any:
+def _pre_tokenizer(own: Any, isolate: str | None) -> Any:
+    """``own``, after splitting off every match of the regex ``isolate`` (no merge crosses one)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if isolate is None:
+        return own
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(isolate), "isolated"), own])
+
+
+def train_teacher_tokenizer(corpus: list[str], vocab_size: int = 300,
+                            isolate: str | None = None) -> Any:
     """Byte-level BPE without the split regex: merges run across digits, so numbers become
-    multi-digit tokens."""
+    multi-digit tokens. ``isolate``: a regex whose matches no merge crosses (a chat template's
+    role markers, so a conversation tokenized whole and turn by turn agree)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = _pre_tokenizer(
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), isolate)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
@@ -75,13 +87,15 @@ def train_teacher_tokenizer(corpus: list[str], vocab_size: int = 300) -> Any:
     return _wrap(tok)
 
 
-def train_student_tokenizer(corpus: list[str], vocab_size: int = 120) -> Any:
-    """SentencePiece-style BPE (``▁`` for space) with byte fallback; digits always split."""
+def train_student_tokenizer(corpus: list[str], vocab_size: int = 120,
+                            isolate: str | None = None) -> Any:
+    """SentencePiece-style BPE (``▁`` for space) with byte fallback; digits always split;
+    ``isolate`` as ``train_teacher_tokenizer``'s."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+    tok.pre_tokenizer = _pre_tokenizer(pre_tokenizers.Digits(individual_digits=True), isolate)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
@@ -110,12 +124,14 @@ def encode_pair(tok: Any, prompt: str, response: str) -> tuple[list[int], list[i
     return p, r
 
 
-def supervised_train(model: Any, pairs: list[tuple[list[int], list[int]]], steps: int,
+def supervised_train(model: Any, pairs: Sequence[tuple[list[int], ...]], steps: int,
                      lr: float, batch: int, seed: int,
                      stop: Callable[[int], bool] | None = None, check_every: int = 50) -> int:
     """Cross-entropy on response tokens (prompt masked). Returns response tokens trained on.
-    ``stop(step)``, asked every ``check_every`` steps with the model in eval mode, ends training
-    early when it returns True (a teacher trained to a target accuracy)."""
+    Each row is (prompt ids, response ids) or (prompt ids, response ids, which response tokens
+    to train on: a trajectory's environment tokens are not). ``stop(step)``, asked every
+    ``check_every`` steps with the model in eval mode, ends training early when it returns True
+    (a teacher trained to a target accuracy)."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
@@ -134,11 +150,17 @@ def supervised_train(model: Any, pairs: list[tuple[list[int], list[int]]], steps
         labels = torch.full((batch, width), -100, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
         for r, i in enumerate(idx):
-            p, resp = pairs[i]
+            p, resp = pairs[i][:2]
             ids[r, : len(p) + len(resp)] = torch.tensor(p + resp)
-            labels[r, len(p): len(p) + len(resp)] = torch.tensor(resp)
+            target = torch.tensor(resp)
+            if len(pairs[i]) > 2:
+                keep = torch.tensor(pairs[i][2], dtype=torch.bool)
+                target = torch.where(keep, target, -100)
+                seen += int(keep.sum())
+            else:
+                seen += len(resp)
+            labels[r, len(p): len(p) + len(resp)] = target
             mask[r, : len(p) + len(resp)] = 1
-            seen += len(resp)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +56,18 @@ def cmd_align(args: argparse.Namespace) -> int:
             render_html(rows, stats, args.student, args.teacher), encoding="utf-8"
         )
     if args.json:
-        print(
-            json.dumps(alignment_json(rows, stats, args.student, args.teacher), ensure_ascii=False)
-        )
+        result = alignment_json(rows, stats, args.student, args.teacher)
+        print(json.dumps(result, ensure_ascii=False), file=args.stdout)
     else:
-        color = sys.stdout.isatty() and not args.no_color
+        color = args.stdout.isatty() and not args.no_color
         print(
             f"student {args.student} ({sv.kind}, {sv.vocab_size} ids)  vs  "
-            f"teacher {args.teacher} ({tv.kind}, {tv.vocab_size} ids)"
+            f"teacher {args.teacher} ({tv.kind}, {tv.vocab_size} ids)",
+            file=args.stdout,
         )
-        print(render_terminal(rows, stats, color=color, max_rows=args.max_rows))
+        print(render_terminal(rows, stats, color=color, max_rows=args.max_rows), file=args.stdout)
         if args.html:
-            print(f"HTML view written to {args.html}")
+            print(f"HTML view written to {args.html}", file=args.stdout)
     return 0
 
 

@@ -39,6 +39,12 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--multi-teacher", action="store_true", help="learn: two teachers of two "
                    "tokenizer families, each strong on one of two sub-tasks: routed, mixed, "
                    "each alone, SFT on the routed teachers' samples (tiny or quick preset)")
+    b.add_argument("--agentic", action="store_true", help="learn: a tool task (two-turn "
+                   "trajectories: a call of a mul tool, then the answer) with a cross-family "
+                   "teacher that writes calls in another syntax: SFT on its trajectories, "
+                   "cross-OPD, the oracle, same-tokenizer OPD, and the *_masked arms "
+                   "(unparsed_calls=mask); accuracy and tool-call validity with two-level "
+                   "intervals (tiny, quick or standard preset; standard 26 min on 2 cores)")
     b.add_argument("--preset", choices=["tiny", "quick", "standard", "full"],
                    help="learn: size preset (default: quick with --quick, else standard, the "
                    "one docs/benchmarks.md quotes; quick is a smoke test, full trains larger "
@@ -68,8 +74,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from crossopd.bench.learn_stats import render_learn_table
 
         preset = args.preset or ("quick" if args.quick else "standard")
-        if args.retrain_teachers and args.multi_teacher:
-            raise ValueError("--retrain-teachers is for `bench learn` without --multi-teacher")
+        if args.retrain_teachers and (args.multi_teacher or args.agentic):
+            raise ValueError("--retrain-teachers is for `bench learn` without --multi-teacher "
+                             "or --agentic (those train their models into the cache)")
+        if args.multi_teacher and args.agentic:
+            raise ValueError("choose one of --multi-teacher and --agentic")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
         if args.multi_teacher:
             from crossopd.bench.learn_multi import bench_learn_multi, render_multi_table
@@ -78,11 +87,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise ValueError("bench learn --multi-teacher takes no KEY=VALUE overrides")
             result = bench_learn_multi("tiny" if preset == "tiny" else "quick",
                                        out_dir=args.out or "runs/bench_learn_multi", progress=log)
-            print(json.dumps(result) if args.json else render_multi_table(result))
+            print(json.dumps(result) if args.json else render_multi_table(result), file=args.stdout)
+            return 0
+        if args.agentic:
+            from crossopd.bench.learn_agentic import (
+                AGENTIC_PRESETS,
+                bench_learn_agentic,
+                render_agentic_table,
+            )
+
+            if args.overrides:
+                raise ValueError("bench learn --agentic takes no KEY=VALUE overrides")
+            if preset not in AGENTIC_PRESETS:
+                raise ValueError(f"bench learn --agentic: preset {preset!r}; choose one of "
+                                 f"{', '.join(AGENTIC_PRESETS)}")
+            result = bench_learn_agentic(preset, out_dir=args.out or "runs/bench_learn_agentic",
+                                         progress=log)
+            print(json.dumps(result) if args.json else render_agentic_table(result),
+                  file=args.stdout)
             return 0
         result = bench_learn(preset, out_dir=args.out or "runs/bench_learn", progress=log,
                              settings=args.overrides, retrain_teachers=args.retrain_teachers)
-        print(json.dumps(result) if args.json else render_learn_table(result))
+        print(json.dumps(result) if args.json else render_learn_table(result), file=args.stdout)
         return 0
     if args.which == "serve":
         from crossopd.bench.serve import bench_serve, render_serve
@@ -90,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
         result = bench_serve(quick=args.quick, clients=args.clients,
                              out_dir=args.out or "runs/bench_serve", progress=log)
-        print(json.dumps(result) if args.json else render_serve(result))
+        print(json.dumps(result) if args.json else render_serve(result), file=args.stdout)
         return 0 if result["errors"] == 0 else 1
     if args.which == "step":
         from crossopd.bench.step import bench_step, render_step
@@ -99,15 +125,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench_step(quick=args.quick, out_dir=args.out or "runs/bench_step",
                             peers=not args.no_peers, vllm_python=args.vllm_python,
                             device=args.device, progress=log)
-        print(json.dumps(result) if args.json else render_step(result))
+        print(json.dumps(result) if args.json else render_step(result), file=args.stdout)
         return 0
     from crossopd.bench.align import bench_align, render_row
 
     def progress(row: dict) -> None:
         if not args.json:
-            print(render_row(row), flush=True)
+            print(render_row(row), file=args.stdout, flush=True)
 
     result = bench_align(quick=args.quick, progress=progress)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=args.stdout)
     return 0

@@ -314,10 +314,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                           served_name=args.served_name, data=args.data,
                           tool_format=args.tool_format)
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        print(json.dumps(report, ensure_ascii=False), file=args.stdout)
     else:
         pairs = report.get("pairs") or [{"teacher_name": args.teacher[0], **report}]
-        print("\n\n".join(render_report(r, args.student, r["teacher_name"]) for r in pairs))
+        print("\n\n".join(render_report(r, args.student, r["teacher_name"]) for r in pairs),
+              file=args.stdout)
     return 0
 
 

@@ -80,7 +80,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, source = eval_config(args.student, args.config, overrides, demo_config_path())
     quiet_hf()
     result = eval_student(cfg, samples=args.show)
-    print(json.dumps(result, ensure_ascii=False) if args.json else render_eval(result, source))
+    print(json.dumps(result, ensure_ascii=False) if args.json else render_eval(result, source),
+          file=args.stdout)
     return 0
 
 

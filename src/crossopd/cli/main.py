@@ -4,6 +4,7 @@ together here. Every command has ``--help``; ``--json`` prints one object."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -44,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # a command prints its result to args.stdout; with --json that is one object and nothing
+    # else, so whatever a library prints to stdout meanwhile (DeepSpeed announces its
+    # accelerator on import) goes to stderr
+    args.stdout = sys.stdout
+    quiet = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else None
     try:
-        return args.func(args)
+        with quiet or contextlib.nullcontext():
+            return args.func(args)
     except (OSError, ValueError, RuntimeError) as e:  # the user's to fix: one line, no traceback
         if os.environ.get("CROSSOPD_DEBUG"):
             raise

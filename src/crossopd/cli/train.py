@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crossopd.run.train import render_result, train
 
     if args.help_config:
-        print(render_config_keys())
+        print(render_config_keys(), file=args.stdout)
         return 0
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0  # one process reports
-    print(json.dumps(result) if args.json else render_result(result))
+    print(json.dumps(result) if args.json else render_result(result), file=args.stdout)
     return 0
 
 
@@ -57,9 +57,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "steps", "coverage", "report")
     out = {k: result.get(k) for k in keys}
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(out), file=args.stdout)
     else:
-        print(render_result(result))
+        print(render_result(result), file=args.stdout)
     return 0
 
 

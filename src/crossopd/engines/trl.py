@@ -68,6 +68,7 @@ def opd_args(cfg: TrainConfig, world_size: int) -> OPDConfig:
         credit_rule=cfg.credit_rule, adv_clamp=cfg.loss.adv_clamp,
         special_tokens=cfg.rollout.special_tokens,
         special_penalty=cfg.rollout.special_penalty,
+        unparsed_calls=cfg.rollout.unparsed_calls,
         opd_max_batch_tokens=cfg.max_batch_tokens,
     )
     if cfg.rollout.tools or cfg.rollout.environment:

@@ -68,6 +68,7 @@ class OPDConfig(GRPOConfig):
     adv_clamp: float = option(10.0, HELP["adv_clamp"])
     special_tokens: str = option("penalize", HELP["special_tokens"])
     special_penalty: float = option(5.0, HELP["special_penalty"])
+    unparsed_calls: str = option("score", HELP["unparsed_calls"])
     teacher_patience_s: float = option(300.0, HELP["teacher.patience_s"])
     teacher_timeout: float = option(120.0, HELP["teacher.timeout"])
     teacher_retries: int = option(3, HELP["teacher.retries"])
@@ -105,7 +106,8 @@ class OPDConfig(GRPOConfig):
             special_tokens=self.special_tokens, special_penalty=self.special_penalty,
             temperature=self.temperature, top_p=self.top_p,
             max_new_tokens=self.max_completion_length, samples_per_prompt=self.num_generations,
-            max_batch_tokens=self.opd_max_batch_tokens, mix=dict(mix) if mix else None)
+            max_batch_tokens=self.opd_max_batch_tokens, mix=dict(mix) if mix else None,
+            unparsed_calls=self.unparsed_calls)
 
     def teacher_config(self, teacher: str | Sequence[str] | None,
                        tokenizer: str | None = None) -> TeacherConfig:

@@ -72,10 +72,14 @@ def sample(
     stop_ids: set[int],
     pad_id: int,
     batch_size: int = 16,
+    greedy: bool = False,
 ) -> list[np.ndarray]:
+    """Continuations of ``prompts``, each cut after its first stop id; ``greedy`` takes the
+    most likely token instead of sampling (evaluation, not rollouts to train on)."""
     device = next(model.parameters()).device
     config = sampling_config(model, temperature, top_p, max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(stop_ids), pad_token_id=pad_id)
+    config.do_sample = not greedy
     out: list[np.ndarray] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]

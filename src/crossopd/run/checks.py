@@ -12,7 +12,7 @@ from crossopd.core.credit import get_rule
 from crossopd.evaluation.benchmarks import check_benchmark_name
 from crossopd.run.registry import ENGINES
 from crossopd.run.trackers import OWN_TRACKERS, tracker_names, transformers_trackers
-from crossopd.step.settings import ConfigError
+from crossopd.step.settings import UNPARSED_CALL_POLICIES, ConfigError
 
 
 def check_model_name(key: str, value: str) -> None:
@@ -103,6 +103,9 @@ def check_tools(cfg: Any) -> None:
     has_tools = bool(r.tools or r.environment)
     if r.max_turns < 1:
         raise ConfigError(f"rollout.max_turns must be at least 1, got {r.max_turns}")
+    if r.unparsed_calls not in UNPARSED_CALL_POLICIES:
+        raise ConfigError(f"rollout.unparsed_calls {r.unparsed_calls!r}: one of "
+                          f"{', '.join(UNPARSED_CALL_POLICIES)}")
     if has_tools and cfg.engine == "trl" and cfg.student.tool_format:
         raise ConfigError("student.tool_format: engine trl parses the student's tool calls with "
                           "TRL's parser for the student's own chat template; unset it and use a "

@@ -71,6 +71,7 @@ class RolloutConfig:
     top_p: float = option(1.0, "Nucleus sampling.")
     special_tokens: str = option("penalize", HELP["special_tokens"])
     special_penalty: float = option(5.0, HELP["special_penalty"])
+    unparsed_calls: str = option("score", HELP["unparsed_calls"])
     tools: list[str] = option(list, "Tools the student may call, as "
                                     "`package.module:function` (TRL's tools: name, type hints "
                                     "and docstring define each).")
@@ -185,7 +186,7 @@ def step_settings(cfg: TrainConfig) -> StepSettings:
         special_penalty=r.special_penalty, temperature=r.temperature, top_p=r.top_p,
         max_new_tokens=r.max_new_tokens, samples_per_prompt=r.samples_per_prompt,
         max_batch_tokens=cfg.max_batch_tokens, mix=dict(cfg.teacher_mix) or None,
-        max_turns=r.max_turns)
+        max_turns=r.max_turns, unparsed_calls=r.unparsed_calls)
 
 
 def redact_secrets(data: dict) -> dict:

@@ -104,5 +104,5 @@ def eval_benchmark_cmd(args: Any) -> int:
         result = {"model": args.student, **run_benchmark(bench, model, tokenizer, fmt, s, path,
                                                           progress=True)}
     print(json.dumps(result, ensure_ascii=False) if args.json
-          else render_benchmark(result, args.student))
+          else render_benchmark(result, args.student), file=args.stdout)
     return 0 if not result.get("failed") else 1

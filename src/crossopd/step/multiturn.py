@@ -94,17 +94,18 @@ class Episode:
 
 
 def sample_trajectories(student: StudentSide, examples: Sequence[Example],
-                        settings: StepSettings, toolbox: Toolbox
+                        settings: StepSettings, toolbox: Toolbox, *, greedy: bool = False
                         ) -> tuple[list[Example], list[list[int]], list[Trajectory]]:
     """(examples as each rollout saw them, student prompt ids, trajectories),
-    ``samples_per_prompt`` each; every turn of every live rollout is sampled in one batch."""
+    ``samples_per_prompt`` each; every turn of every live rollout is sampled in one batch
+    (``greedy``: decoded greedily, for evaluation)."""
     syntax = student.tool_syntax()
     eot = end_of_turn_id(student.fmt)
     episodes = []
     for e in examples:
         for _ in range(settings.samples_per_prompt):
             ex, fns = toolbox.open(e)
-            prompt = student.fmt.prompt_ids(syntax.messages(ex.messages), ex.tools)
+            prompt = syntax.fmt.prompt_ids(syntax.messages(ex.messages), ex.tools)
             episodes.append(Episode(ex, fns, prompt))
     for k in range(settings.max_turns):
         live = [ep for ep in episodes if not ep.done]
@@ -114,7 +115,8 @@ def sample_trajectories(student: StudentSide, examples: Sequence[Example],
             turns = sample(student.model, [ep.prompt + ep.ids for ep in live],
                            max_new_tokens=settings.max_new_tokens,
                            temperature=settings.temperature, top_p=settings.top_p,
-                           stop_ids=student.fmt.stop_ids, pad_id=student.pad_id)
+                           stop_ids=student.fmt.stop_ids, pad_id=student.pad_id,
+                           greedy=greedy)
         for ep, turn in zip(live, turns):
             take_turn(ep, turn.tolist(), student, syntax, eot, toolbox,
                       last=k == settings.max_turns - 1)

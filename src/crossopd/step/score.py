@@ -175,11 +175,12 @@ def rollout_credit(student: StudentSide, teacher: TeacherSide, units: Sequence[U
     q, stats = np.full(len(old), np.nan), StepStats()
     for j, (u, lp) in enumerate(zip(units, teacher_logps, strict=True)):
         o = old[u.start:u.end]
-        c = credit_targets(u.request, lp, o, student.vocab, teacher.vocab,
+        masked = masked_unparsed(u, settings)
+        c = credit_targets(u.request, None if masked else lp, o, student.vocab, teacher.vocab,
                            rule=settings.credit, special_penalty=settings.penalty)
         q[u.start:u.end] = c.targets
         stats.add(c.alignment, u.request, o, c.kl_targets, penalized=int(c.penalized.sum()),
-                  new_sequence=j == 0, reformatted=u.reformatted)
+                  new_sequence=j == 0, reformatted=u.reformatted, masked_unparsed=masked)
     if isinstance(response, Trajectory):
         stats.add_environment(response.env_tokens, response.unparsed_tool_calls)
     return q, stats
@@ -191,6 +192,12 @@ def student_logps(student: StudentSide, sequences: list[list[int]],
     with torch.no_grad(), student.autocast():
         return score_sequences(student.model, sequences, spans, temperature=settings.temperature,
                                max_batch_tokens=settings.max_batch_tokens, pad_id=student.pad_id)
+
+
+def masked_unparsed(u: Unit, settings: StepSettings) -> int:
+    """The unit's tokens when it gets no signal as a turn whose tool call did not parse
+    (``unparsed_calls: mask``), else 0."""
+    return u.end - u.start if u.unparsed and settings.unparsed_calls == "mask" else 0
 
 
 # per teacher name: per rollout its units, each with its teacher log-probs and its credit
@@ -208,11 +215,13 @@ def credit_per_teacher(student: StudentSide, teachers: Teachers, units: dict[str
         rows: dict[int, list] = {}
         for u, lp in zip(us, found[name]):
             o = old[u.rollout].numpy()[u.start:u.end]
-            c = credit_targets(u.request, lp, o, student.vocab, teachers[name].vocab,
-                               rule=settings.credit, special_penalty=settings.penalty)
+            masked = masked_unparsed(u, settings)
+            c = credit_targets(u.request, None if masked else lp, o, student.vocab,
+                               teachers[name].vocab, rule=settings.credit,
+                               special_penalty=settings.penalty)
             team[name].add(c.alignment, u.request, o, c.kl_targets,
                            penalized=int(c.penalized.sum()), new_sequence=u.rollout not in rows,
-                           reformatted=u.reformatted)
+                           reformatted=u.reformatted, masked_unparsed=masked)
             rows.setdefault(u.rollout, []).append((u, lp, c))
         per[name] = rows
     return per, team
@@ -243,7 +252,7 @@ def combine(examples: Sequence[Example], sequences: list[list[int]],
             q[u.start:u.end] = q_u
             stats.add(c.alignment, u.request, old[i].numpy()[u.start:u.end], q_kl,
                       penalized=int(c.penalized.sum()), new_sequence=j == 0,
-                      reformatted=u.reformatted)
+                      reformatted=u.reformatted, masked_unparsed=masked_unparsed(u, settings))
             first.append((u, lp, c))
         if isinstance(responses[i], Trajectory):
             stats.add_environment(responses[i].env_tokens, responses[i].unparsed_tool_calls)

@@ -19,6 +19,7 @@ from crossopd.core.credit import CreditRule, CreditSpec, get_rule
 from crossopd.step.loss import LossConfig
 
 SPECIAL_TOKEN_POLICIES = ("penalize", "stop", "mask")
+UNPARSED_CALL_POLICIES = ("score", "mask")
 
 HELP = {
     "credit_rule": "How a chunk's teacher log-prob is shared out over its student tokens: "
@@ -28,6 +29,10 @@ HELP = {
                       "teacher can score: penalize (advantage -special_penalty), stop (it ends "
                       "the turn) or mask (no signal). Counted either way.",
     "special_penalty": "The penalty of special_tokens=penalize.",
+    "unparsed_calls": "An assistant turn that opens a tool call in some syntax but does not "
+                      "parse on the student's side: score (the teacher scores its bytes "
+                      "verbatim) or mask (the turn gets no signal: a teacher of another family "
+                      "judges the foreign call syntax, not the call). Counted either way.",
     "max_batch_tokens": "Token budget of one forward pass (student scoring and in-process "
                         "teachers).",
     "teacher.patience_s": "How long an HTTP teacher that is down, starting or overloaded is "
@@ -129,6 +134,7 @@ class StepSettings:
     max_batch_tokens: int = 8192
     mix: Mapping[str, float] | None = None
     max_turns: int = 1  # assistant turns of a rollout with tools
+    unparsed_calls: str = "score"
 
     @classmethod
     def build(cls, credit_rule: CreditSpec = "proportional", *, where: str = "",
@@ -142,6 +148,9 @@ class StepSettings:
         settings = cls(credit=credit, **kwargs)
         if settings.max_turns < 1:
             raise ConfigError(f"{where}max_turns {settings.max_turns}: at least 1")
+        if settings.unparsed_calls not in UNPARSED_CALL_POLICIES:
+            raise ConfigError(f"{where}unparsed_calls {settings.unparsed_calls!r}: one of "
+                              f"{', '.join(UNPARSED_CALL_POLICIES)}")
         if settings.special_tokens not in SPECIAL_TOKEN_POLICIES:
             raise ConfigError(f"{where}special_tokens {settings.special_tokens!r}: one of "
                               f"{', '.join(SPECIAL_TOKEN_POLICIES)}")

@@ -39,13 +39,14 @@ class StepStats:
 
     Every token that gets no signal is counted under the reason why: unaligned bytes, the
     syntax of a tool call the teacher writes otherwise (format tokens), masked special tokens,
-    a sequence that overflowed the teacher's context, or the environment's turns of a
-    trajectory. ``add`` takes one scored unit: a single-turn response, or one assistant turn."""
+    a sequence that overflowed the teacher's context, the environment's turns of a
+    trajectory, or a turn whose tool call did not parse (``unparsed_calls: mask``). ``add``
+    takes one scored unit: a single-turn response, or one assistant turn."""
 
     KEYS = ("sequences", "turns", "tokens", "bytes", "aligned_bytes", "chunks", "one_to_one",
             "unaligned_tokens", "format_tokens", "masked_special", "penalized_special",
             "stop_chunks", "stopped", "overflowed", "signal_tokens", "kl_sum", "env_tokens",
-            "unparsed_tool_calls")
+            "unparsed_tool_calls", "masked_unparsed")
 
     def __init__(self, totals: dict[str, float] | None = None) -> None:
         """``totals``: sums to start from, e.g. the sums of several processes added up."""
@@ -53,12 +54,14 @@ class StepStats:
         self.totals.update(totals or {})
 
     def add(self, a: Any, req: TeacherRequest, logps: np.ndarray, q_kl: np.ndarray,
-            penalized: int = 0, *, new_sequence: bool = True, reformatted: bool = False) -> None:
+            penalized: int = 0, *, new_sequence: bool = True, reformatted: bool = False,
+            masked_unparsed: int = 0) -> None:
         """``q_kl``: targets whose chunk sums are the teacher's (NaN where no teacher signal);
         ``penalized``: special tokens that got a penalty instead of no signal;
         ``new_sequence``: the unit starts a rollout (False for a trajectory's later turns);
         ``reformatted``: the teacher scored its own syntax for the turn's tool call, so its
-        unaligned tokens are that call's syntax (format tokens)."""
+        unaligned tokens are that call's syntax (format tokens); ``masked_unparsed``: the
+        unit's tokens when it is a turn whose tool call did not parse and got no signal."""
         c, counts = self.totals, a.counts
         c["sequences"] += int(new_sequence)
         c["turns"] += 1
@@ -78,6 +81,7 @@ class StepStats:
         ok = ~np.isnan(q_kl)
         c["signal_tokens"] += int(ok.sum())
         c["kl_sum"] += float((logps[ok] - q_kl[ok]).sum())
+        c["masked_unparsed"] += masked_unparsed
 
     def add_environment(self, env_tokens: int, unparsed_tool_calls: int) -> None:
         """A trajectory's environment tokens (never trained) and its assistant turns that look
@@ -109,4 +113,5 @@ class StepStats:
             "env_tokens": c["env_tokens"],
             "format_tokens": c["format_tokens"],
             "unparsed_tool_calls": c["unparsed_tool_calls"],
+            "masked_unparsed_tokens": c["masked_unparsed"],
         }

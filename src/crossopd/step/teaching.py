@@ -65,6 +65,7 @@ class Unit:
     end: int
     request: TeacherRequest
     reformatted: bool = False  # the teacher scores its own syntax for the turn's tool call
+    unparsed: bool = False  # a tool call that does not parse, its bytes verbatim
 
 
 def teacher_units(student: StudentSide, teacher: TeacherSide, examples: Sequence[Example],
@@ -86,7 +87,8 @@ def teacher_units(student: StudentSide, teacher: TeacherSide, examples: Sequence
         for tr in turn_requests(e.messages, r, syntax[0], student.vocab, syntax[1],
                                 teacher.vocab, context=teacher.context,
                                 reference=e.reference, tools=e.tools):
-            out.append(Unit(rollouts[k], tr.start, tr.end, tr.request, tr.reformatted))
+            out.append(Unit(rollouts[k], tr.start, tr.end, tr.request, tr.reformatted,
+                            tr.unparsed))
     return out
 
 

@@ -10,6 +10,9 @@ scored as written; when it looks like a call (``looks_like_call``) it is counted
 
 A template that cannot render ``tool_calls`` (SmolLM2's drops them) gets the Hermes text format
 in the message content instead (``tool_format: hermes``); without it such a turn is refused.
+When such a template also drops the tool definitions, ``tool_format: hermes`` puts them in a
+system message, in the words and layout of Qwen 2.5's template (``with_tool_prompt``): a model
+cannot call a tool it was never shown.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from crossopd.step.bridge import ChatFormat, Message, TemplateError
@@ -79,6 +82,49 @@ def renders_tool_calls(fmt: ChatFormat) -> bool:
         return False
 
 
+TOOL_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+
+
+def renders_tools(fmt: ChatFormat) -> bool:
+    """Whether the template puts tool definitions into the prompt (some drop ``tools``)."""
+    probe = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": _PROBE, "description": "",
+                                              "parameters": {"type": "object",
+                                                             "properties": {}}}}
+    try:
+        return _PROBE in fmt.render_fn(probe, True, [tool])
+    except Exception:  # noqa: BLE001 - a template may raise anything on an unknown shape
+        return False
+
+
+def tool_prompt(messages: Sequence[Message], tools: list[dict]) -> list[Message]:
+    """``messages`` with the tool definitions (``TOOL_PROMPT``) at the end of the system
+    message, or in a system message of their own before the first message."""
+    block = TOOL_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False)
+                                               for t in tools))
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0].get('content') or ''}\n\n{block}"
+        return out
+    return [{"role": "system", "content": block}, *out]
+
+
+def with_tool_prompt(fmt: ChatFormat) -> ChatFormat:
+    """``fmt`` whose rendering puts the tool definitions in a system message (``tool_prompt``)
+    for a template that drops them."""
+    render = fmt.render_fn
+
+    def render_fn(messages: list[Message], gen: bool, tools: list[dict] | None = None) -> str:
+        return render(tool_prompt(messages, tools) if tools else messages, gen, None)
+
+    return replace(fmt, render_fn=render_fn)
+
+
 @dataclass(frozen=True)
 class ToolSyntax:
     """How one side writes an assistant turn: its template renders ``tool_calls``
@@ -90,14 +136,17 @@ class ToolSyntax:
     @classmethod
     def of(cls, fmt: ChatFormat, fallback: str | None = None) -> ToolSyntax:
         """The template's own syntax when it renders tool calls; otherwise ``fallback``
-        (``hermes``: calls as text in the content), or none: a structured call is then
-        refused with what to set."""
+        (``hermes``: calls as text in the content, and the tool definitions in a system message
+        when the template drops them too), or none: a structured call is then refused with
+        what to set. Render through the syntax's ``fmt``."""
         if fallback is not None and fallback not in TOOL_FORMATS:
             raise TemplateError(f"tool_format {fallback!r}: use one of "
                                 f"{', '.join(TOOL_FORMATS)}")
         if renders_tool_calls(fmt):
             return cls(fmt, "template")
-        return cls(fmt, "hermes" if fallback == "hermes" else "none")
+        if fallback != "hermes":
+            return cls(fmt, "none")
+        return cls(fmt if renders_tools(fmt) else with_tool_prompt(fmt), "hermes")
 
     def template_message(self, message: Message) -> Message:
         """The message as this side's template is given it."""

@@ -68,6 +68,7 @@ class TurnRequest:
     start: int
     end: int
     reformatted: bool  # the teacher scores its own rendering of the turn's tool call
+    unparsed: bool = False  # the turn opens a tool call that does not parse: its bytes verbatim
 
 
 def end_of_turn_id(fmt: ChatFormat) -> int:
@@ -148,7 +149,7 @@ def trajectory_from_messages(messages: Sequence[Message], fmt: ChatFormat, vocab
         history += [message, *env]
         i = j
     traj = Trajectory(np.asarray(ids, dtype=np.int64), tuple(turns), tuple(read), unparsed)
-    return prompt, fmt.prompt_ids(syntax.messages(prompt), tools), traj
+    return prompt, syntax.fmt.prompt_ids(syntax.messages(prompt), tools), traj
 
 
 def student_runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -229,6 +230,7 @@ def turn_requests(prompt: Sequence[Message], traj: Trajectory, student: ToolSynt
             student.messages(history), traj.ids[start:end], student.fmt, teacher.fmt,
             student_vocab, teacher_vocab, context, reference, tools=tools,
             teacher_messages=teacher.messages(history), teacher_text=t_text)
-        out.append(TurnRequest(req, start, end, t_text is not None))
+        unparsed = t_text is None and looks_like_call(message.get("content") or "")
+        out.append(TurnRequest(req, start, end, t_text is not None, unparsed))
         history.append(message)
     return out

@@ -44,6 +44,7 @@ class VerlSettings:
     credit_rule: str = "proportional"
     special_tokens: str = "penalize"  # penalize | mask (verl's rollout decides where turns end)
     special_penalty: float = 5.0
+    unparsed_calls: str = "score"  # score | mask: a tool call that does not parse
     adv_clamp: float = 10.0
     max_batch_tokens: int = 8192
     # validation samples are scored by verl's reward function (training samples never are:
@@ -111,7 +112,8 @@ def step_settings(config: Any, settings: VerlSettings) -> StepSettings:
         special_tokens=settings.special_tokens, special_penalty=settings.special_penalty,
         temperature=key("rollout.temperature", 1.0), top_p=key("rollout.top_p", 1.0),
         max_new_tokens=key("rollout.response_length", 512),
-        samples_per_prompt=key("rollout.n", 1), max_batch_tokens=settings.max_batch_tokens)
+        samples_per_prompt=key("rollout.n", 1), max_batch_tokens=settings.max_batch_tokens,
+        unparsed_calls=settings.unparsed_calls)
 
 
 def pool_teacher(config: Any) -> Any:
