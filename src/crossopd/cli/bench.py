@@ -45,6 +45,14 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                    "cross-OPD, the oracle, same-tokenizer OPD, and the *_masked arms "
                    "(unparsed_calls=mask); accuracy and tool-call validity with two-level "
                    "intervals (tiny, quick or standard preset; standard 26 min on 2 cores)")
+    b.add_argument("--teacher-properties", action="store_true", help="learn: per shipped "
+                   "teacher pair, each teacher's properties on the student's own samples "
+                   "(entropy, log-prob of the right continuation, advantage mass on the answer, "
+                   "how well it tells right student answers from wrong, ...), and with --gains "
+                   "their rank correlation with each teacher's teaching gain (~1 min)")
+    b.add_argument("--gains", metavar="RESULT_JSON", help="learn --teacher-properties: a "
+                   "`bench learn` result.json whose per-pair arm accuracies give each teacher's "
+                   "gain (e.g. docs/bench_learn/standard/result.json)")
     b.add_argument("--preset", choices=["tiny", "quick", "standard", "full"],
                    help="learn: size preset (default: quick with --quick, else standard, the "
                    "one docs/benchmarks.md quotes; quick is a smoke test, full trains larger "
@@ -77,9 +85,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.retrain_teachers and (args.multi_teacher or args.agentic):
             raise ValueError("--retrain-teachers is for `bench learn` without --multi-teacher "
                              "or --agentic (those train their models into the cache)")
-        if args.multi_teacher and args.agentic:
-            raise ValueError("choose one of --multi-teacher and --agentic")
+        if sum((args.multi_teacher, args.agentic, args.teacher_properties)) > 1:
+            raise ValueError("choose one of --multi-teacher, --agentic and "
+                             "--teacher-properties")
+        if args.gains and not args.teacher_properties:
+            raise ValueError("--gains is for `bench learn --teacher-properties`")
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
+        if args.teacher_properties:
+            from crossopd.bench.teacher_props import render_properties, teacher_properties
+
+            if args.overrides or args.retrain_teachers:
+                raise ValueError("bench learn --teacher-properties reads the shipped teacher "
+                                 "pairs: it takes no KEY=VALUE overrides or --retrain-teachers")
+            if preset not in ("quick", "standard"):
+                raise ValueError("bench learn --teacher-properties: the shipped pairs are the "
+                                 "quick and standard presets' models; use one of those")
+            result = teacher_properties(preset, gains=args.gains, progress=log)
+            print(json.dumps(result) if args.json else render_properties(result),
+                  file=args.stdout)
+            return 0
         if args.multi_teacher:
             from crossopd.bench.learn_multi import bench_learn_multi, render_multi_table
 
