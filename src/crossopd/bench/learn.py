@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from crossopd import __version__
-from crossopd.bench.learn_arms import run_opd, run_sft, run_uld
+from crossopd.bench.learn_arms import run_opd_seeds, run_sft, run_uld
 from crossopd.bench.learn_stats import MATCH_TOLERANCE, save_runs, summarise
 from crossopd.bench.learn_task import accuracy, correct_answers, make_split
 from crossopd.bench.learn_teachers import load_artifacts, locate
@@ -77,6 +77,9 @@ class Preset:
     uld_lr: float = 1e-3  # not in the grid
     evals: int = 4  # accuracy checkpoints along each arm
     seeds: int = 5  # student seeds per teacher pair
+    # OPD students trained together (bench.stacked: one forward, backward and sampler call for
+    # all of them; each exactly the model it is alone): 0 = every seed of an arm and pair
+    together: int = 0
     teacher_pairs: int = 3  # independently trained (T_x, T_s) pairs: the teacher draw
     max_new_tokens: int = 24
     diagnosis_rollouts: int = 64
@@ -131,6 +134,8 @@ def with_settings(preset: Preset, settings: list[str]) -> Preset:
             raise ValueError(f"{key}={value}: expected {want}") from None
         if key in ("seeds", "teacher_pairs", "evals", "budget_tokens") and changes[key] < 1:
             raise ValueError(f"{key}={value}: must be at least 1")
+        if key == "together" and changes[key] < 0:
+            raise ValueError(f"together={value}: 0 (every seed at once) or more")
     return dataclasses.replace(preset, **changes)
 
 
@@ -158,7 +163,7 @@ def load_models(preset: Preset, retrain: bool = False,
 
 # bump when an arm's training or scoring code changes: kept runs of the old code then no longer
 # load (the crossopd version is in the key too)
-RUNS_VERSION = 1
+RUNS_VERSION = 2  # 2: OPD arms on bench.stacked (its sampler in place of generate)
 
 
 def unit_dir(out_dir: Path, preset: Preset, artifacts: str) -> Path:
@@ -166,23 +171,30 @@ def unit_dir(out_dir: Path, preset: Preset, artifacts: str) -> Path:
     the number of seeds, pairs and arms: a killed run resumes, and a rerun with more seeds
     trains only the new ones."""
     fields = {k: v for k, v in asdict(preset).items()
-              if k not in ("seeds", "teacher_pairs", "arms", "diagnosis_rollouts")}
+              if k not in ("seeds", "teacher_pairs", "arms", "diagnosis_rollouts", "together")}
     key = json.dumps({**fields, "artifacts": artifacts, "code": RUNS_VERSION,
                       "crossopd": __version__}, sort_keys=True)
     return out_dir / "units" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def cached_run(path: Path, run: Callable[[], dict]) -> tuple[dict, bool]:
-    """(the run, whether it was read back): ``run()`` once, its result kept at ``path``."""
-    if path.exists():
-        r = json.loads(path.read_text())
-        r["correct"] = np.asarray(r["correct"], dtype=bool)
-        r["curve"] = [tuple(c) for c in r["curve"]]
-        return r, True
-    r = run()
-    atomic_write_text(path, json.dumps({**r, "correct": np.asarray(r["correct"]).astype(int)
-                                        .tolist()}))
-    return r, False
+def cached_runs(paths: list[Path], run: Callable[[list[int]], list[dict]]
+                ) -> tuple[list[dict], int]:
+    """(one run per path, how many were read back): the runs not kept yet come from one
+    ``run(indices)`` call (they train together), each kept at its path as it is written."""
+    out: list[dict | None] = [None] * len(paths)
+    for i, path in enumerate(paths):
+        if path.exists():
+            r = json.loads(path.read_text())
+            r["correct"] = np.asarray(r["correct"], dtype=bool)
+            r["curve"] = [tuple(c) for c in r["curve"]]
+            out[i] = r
+    missing = [i for i, r in enumerate(out) if r is None]
+    if missing:
+        for i, r in zip(missing, run(missing), strict=True):
+            atomic_write_text(paths[i], json.dumps(
+                {**r, "correct": np.asarray(r["correct"]).astype(int).tolist()}))
+            out[i] = r
+    return out, len(paths) - len(missing)  # type: ignore[return-value]
 
 
 def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_learn",
@@ -214,22 +226,24 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
         progress(f"pair {k} oracle diagnosis and identity control "
                  f"({time.perf_counter() - t0:.0f} s): "
                  f"identity exact={diagnoses[-1]['identity']['exact']}")
-        for seed in range(preset.seeds):
-            # common random numbers: seed s draws the same prompts and sampling seeds in every
-            # arm and every pair, from the same student
-            runs["untrained"].append({"acc": float(base.mean()), "correct": base, "tokens": 0,
-                                      "curve": [(0, float(base.mean()))]})
-            for arm in runs:
-                if arm != "untrained":
-                    r, was_kept = cached_run(units / f"{arm}-pair{k}-seed{seed}.json",
-                                             partial(timed_run, arm, models, preset, seed,
-                                                     train_set, test_set))
-                    runs[arm].append(r)
-                    reused += was_kept
-                runs[arm][-1].update(pair=k, seed=seed)
-            progress(f"pair {k} seed {seed}: " + ", ".join(
-                f"{a} {r[-1]['acc']:.3f}" + (f" ({r[-1]['seconds']:.0f} s)" if "seconds" in r[-1]
-                                             else "") for a, r in runs.items()))
+        # common random numbers: seed s draws the same prompts and sampling seeds in every
+        # arm and every pair, from the same student
+        seeds = list(range(preset.seeds))
+        runs["untrained"] += [{"acc": float(base.mean()), "correct": base, "tokens": 0,
+                               "curve": [(0, float(base.mean()))], "pair": k, "seed": seed}
+                              for seed in seeds]
+        for arm in runs:
+            if arm == "untrained":
+                continue
+            found, kept = cached_runs([units / f"{arm}-pair{k}-seed{seed}.json" for seed in seeds],
+                                      partial(timed_runs, arm, models, preset, seeds, train_set,
+                                              test_set))
+            reused += kept
+            for seed, r in zip(seeds, found):
+                runs[arm].append({**r, "pair": k, "seed": seed})
+            progress(f"pair {k} {arm}: " + ", ".join(f"{r['acc']:.3f}" for r in found) +
+                     (f" ({found[0]['seconds']:.0f} s per run)" if "seconds" in found[0]
+                      else ""))
     teachers = _pooled(per_pair, source)
     save_runs(runs, Path(out_dir) / "runs.json")
     result = summarise(runs, teachers, out_dir)
@@ -241,27 +255,39 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
     return result
 
 
-def timed_run(arm: str, models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
-    t0 = time.perf_counter()
-    r = run_arm(arm, models, preset, seed, train_set, test_set)
-    return {**r, "seconds": time.perf_counter() - t0}
+def timed_runs(arm: str, models: dict, preset: Preset, seeds: list[int], train_set, test_set,
+               which: list[int]) -> list[dict]:
+    """The runs of ``seeds[i]`` for i in ``which``, OPD students ``preset.together`` at a time
+    (0: all at once); ``seconds``: each group's time, shared out over its runs."""
+    chosen = [seeds[i] for i in which]
+    size = len(chosen) if arm in ("sft", "uld") or preset.together == 0 else preset.together
+    out = []
+    for lo in range(0, len(chosen), max(1, size)):
+        group = chosen[lo: lo + max(1, size)]
+        t0 = time.perf_counter()
+        rs = run_arm(arm, models, preset, group, train_set, test_set)
+        share = (time.perf_counter() - t0) / len(group)
+        out += [{**r, "seconds": share, "trained_together": len(group)
+                 if arm not in ("sft", "uld") else 1} for r in rs]
+    return out
 
 
-def run_arm(arm: str, models: dict, preset: Preset, seed: int, train_set, test_set) -> dict:
+def run_arm(arm: str, models: dict, preset: Preset, seeds: list[int], train_set, test_set
+            ) -> list[dict]:
+    """One run per seed: SFT and ULD one after another, the OPD arms' students together."""
     if arm == "sft":
-        return run_sft(models, preset, seed, train_set, test_set)
+        return [run_sft(models, preset, seed, train_set, test_set) for seed in seeds]
     if arm == "uld":
-        return run_uld(models, preset, seed, train_set, test_set)
+        return [run_uld(models, preset, seed, train_set, test_set) for seed in seeds]
+    opd = partial(run_opd_seeds, models, seeds=seeds, train_set=train_set, test_set=test_set,
+                  preset=preset)
     if arm == "opd_oracle":
-        return run_opd(models, "teacher_x", "proportional", preset, seed, train_set, test_set,
-                       oracle=True)
+        return opd(teacher_key="teacher_x", rule="proportional", oracle=True)
     if arm == "opd_same":
-        return run_opd(models, "teacher_s", "proportional", preset, seed, train_set, test_set)
+        return opd(teacher_key="teacher_s", rule="proportional")
     if arm == "opd_cross_1to1":
-        return run_opd(models, "teacher_x", "proportional", preset, seed, train_set, test_set,
-                       one_to_one=True)
-    return run_opd(models, "teacher_x", arm.removeprefix("opd_cross_"), preset, seed,
-                   train_set, test_set)
+        return opd(teacher_key="teacher_x", rule="proportional", one_to_one=True)
+    return opd(teacher_key="teacher_x", rule=arm.removeprefix("opd_cross_"))
 
 
 def _teachers(models: dict, test_set, preset: Preset) -> dict:

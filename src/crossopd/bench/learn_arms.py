@@ -13,19 +13,19 @@ import numpy as np
 import torch
 
 from crossopd.bench.learn_task import (
+    check_answer,
     correct_answers,
     encode_pair,
     generate_texts,
     supervised_train,
 )
 from crossopd.bench.oracle import PrefixLogprobs, rollout_oracle
+from crossopd.bench.stacked import Stack, StackedAdamW, sample, sequence_logprobs
 from crossopd.step.data import Example
-from crossopd.step.loss import advantages
-from crossopd.step.rollout import rollout_and_score
-from crossopd.step.score import Scored, penalize_specials
+from crossopd.step.loss import advantages, policy_loss
+from crossopd.step.score import Scored, penalize_specials, score_rollouts
 from crossopd.step.settings import StepSettings
 from crossopd.step.sides import hf_pair
-from crossopd.step.update import update
 
 
 def curve_points(preset: Any) -> list[int]:
@@ -46,40 +46,115 @@ def checkpoint(curve: list, tokens: int, student: Any, tok: Any, test_set,
 
 def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
             train_set, test_set, oracle: bool = False, one_to_one: bool = False) -> dict:
-    """OPD from ``teacher_key`` with credit ``rule``; ``oracle``: trained on the teacher's exact
-    byte-marginal log-prob of every student token instead (``oracle_scored``), the same
-    teacher's knowledge without the chunk credit guess; ``one_to_one``: signal on 1:1 chunks
-    only (``one_to_one_scored``), the m:n chunks' tokens counted in ``m_n_masked_tokens``."""
+    """One student of ``run_opd_seeds``: the same model it is when trained beside others."""
+    return run_opd_seeds(models, teacher_key, rule, preset, [seed], train_set, test_set,
+                         oracle=oracle, one_to_one=one_to_one)[0]
+
+
+def run_opd_seeds(models: dict, teacher_key: str, rule: str, preset: Any, seeds: list[int],
+                  train_set, test_set, oracle: bool = False, one_to_one: bool = False,
+                  keep_weights: bool = False) -> list[dict]:
+    """OPD from ``teacher_key`` with credit ``rule``, one student per seed, trained together
+    (``bench.stacked``: one forward, backward and sampler call for all of them; each student's
+    prompts and draws from its own seed, each on its own budget). ``oracle``: trained on the
+    teacher's exact byte-marginal log-prob of every student token instead
+    (``oracle_scored``), the same teacher's knowledge without the chunk credit guess;
+    ``one_to_one``: signal on 1:1 chunks only (``one_to_one_scored``), the m:n chunks' tokens
+    counted in ``m_n_masked_tokens``. Teacher scoring, alignment and credit run through the
+    step library, per student. ``keep_weights``: each result also holds its student's final
+    parameters (``weights``)."""
     student, s_tok = models["student"]
-    student = copy.deepcopy(student)
     teacher, t_tok = models[teacher_key]
     s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
     prefix = PrefixLogprobs.from_model(teacher) if oracle else None
     settings = StepSettings.build(rule, max_new_tokens=preset.max_new_tokens)
-    opt = torch.optim.AdamW(student.parameters(), lr=preset.opd_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tokens, curve, shares, points, masked = 0, [], [], curve_points(preset), 0
-    while tokens < preset.budget_tokens:
-        batch = [Example([{"role": "user", "content": p}], str(a))
-                 for p, _, a in rng.sample(train_set, preset.opd_batch)]
-        scored = rollout_and_score(s_side, teachers, batch, settings)
-        if prefix is not None:
-            scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
-                                   settings.penalty, settings.loss.adv_clamp)
+    st = Stack.of([student] * len(seeds))
+    opt = StackedAdamW(st, lr=preset.opd_lr)
+    rngs = [random.Random(seed) for seed in seeds]
+    draws = [torch.Generator().manual_seed(seed) for seed in seeds]
+    n = len(seeds)
+    tokens, masked, shares = [0] * n, [0] * n, [[] for _ in seeds]
+    curves, points, correct = [[] for _ in seeds], [curve_points(preset) for _ in seeds], [None] * n
+    # fixed widths: a student's arithmetic does not depend on the other students' rows
+    prompt_width = max(len(s_side.fmt.prompt_ids([{"role": "user", "content": p}]))
+                       for p, _, _ in train_set)
+    width = prompt_width + preset.max_new_tokens
+    while live := [k for k in range(n) if tokens[k] < preset.budget_tokens]:
+        sub = st.select(live)
+        batches = [[Example([{"role": "user", "content": p}], str(a))
+                    for p, _, a in rngs[k].sample(train_set, preset.opd_batch)] for k in live]
+        prompts = [[s_side.fmt.prompt_ids(e.messages) for e in b] for b in batches]
+        responses = sample(sub, prompts, preset.max_new_tokens, s_side.fmt.stop_ids,
+                           s_side.pad_id, [draws[k] for k in live], settings.temperature,
+                           width=prompt_width)
+        seqs = [[list(p) + r.tolist() for p, r in zip(ps, rs)]
+                for ps, rs in zip(prompts, responses)]
+        spans = [[(len(p), len(p) + len(r)) for p, r in zip(ps, rs)]
+                 for ps, rs in zip(prompts, responses)]
+        # one forward for both: the rollout log-probs are the update's own, detached (one
+        # update per rollout, so the PPO ratio is exactly 1, as in the step library)
+        lps = sequence_logprobs(sub, seqs, spans, s_side.pad_id, settings.temperature,
+                                width=width)
+        old = [[x.detach() for x in row] for row in lps]
+        loss, learns = torch.zeros(()), torch.zeros(n, dtype=torch.bool)
+        for j, k in enumerate(live):
+            # each student's rollouts scored on their own: the teacher's batches, and so its
+            # arithmetic, are those of the student trained alone
+            scored = score_rollouts(s_side, teachers, batches[j], prompts[j], responses[j],
+                                    settings, old_logps=old[j])
+            if prefix is not None:
+                scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
+                                       settings.penalty, settings.loss.adv_clamp)
+            if one_to_one:
+                scored, dropped = one_to_one_scored(scored, settings.loss.adv_clamp)
+                masked[k] += dropped
+            valid = torch.cat(scored.signal)
+            if valid.any():  # a student without signal this step does not step (as update)
+                loss = loss + policy_loss(torch.cat(lps[j]), torch.cat(old[j]),
+                                          torch.cat(scored.advantages), valid,
+                                          settings.loss)[0]
+                learns[k] = True
+            shares[k].append(scored.stats["one_to_one_share"])
+            tokens[k] += int(scored.stats["response_tokens"])
+        if learns.any():
+            loss.backward()
+        opt.step(learns)
+        due = [k for k in live if points[k] and tokens[k] >= points[k][0]]
+        if due:
+            for k, right in zip(due, correct_answers_stacked(st.select(due), s_tok, test_set,
+                                                             preset.max_new_tokens)):
+                correct[k] = right
+                curves[k].append((tokens[k], float(right.mean())))
+                while points[k] and tokens[k] >= points[k][0]:
+                    points[k].pop(0)
+    out = []
+    for k in range(n):
+        r = {"acc": curves[k][-1][1], "correct": correct[k], "tokens": tokens[k],
+             "curve": curves[k], "one_to_one_share": float(np.mean(shares[k]))}
         if one_to_one:
-            scored, dropped = one_to_one_scored(scored, settings.loss.adv_clamp)
-            masked += dropped
-        update(s_side, scored, opt, sched, settings)
-        tokens += int(scored.stats["response_tokens"])
-        shares.append(scored.stats["one_to_one_share"])
-        while points and tokens >= points[0]:
-            correct = checkpoint(curve, tokens, student, s_tok, test_set, preset)
-            points.pop(0)
-    out = {"acc": curve[-1][1], "correct": correct, "tokens": tokens, "curve": curve,
-           "one_to_one_share": float(np.mean(shares))}
-    return {**out, "m_n_masked_tokens": masked} if one_to_one else out
+            r["m_n_masked_tokens"] = masked[k]
+        if keep_weights:
+            r["weights"] = {name: w[k].detach().clone() for name, w in st.params.items()}
+        out.append(r)
+    return out
+
+
+def correct_answers_stacked(st: Stack, tok: Any, problems: list, max_new_tokens: int
+                            ) -> list[np.ndarray]:
+    """Per student of ``st``: greedy decoding on ``problems``, the exact answer check (one bool
+    per problem), in chunks of 250 problems."""
+    out: list[list[np.ndarray]] = [[] for _ in range(st.size)]
+    for lo in range(0, len(problems), 250):
+        chunk = problems[lo: lo + 250]
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p, _, _ in chunk]
+        texts = sample(st, [ids] * st.size, max_new_tokens, [tok.eos_token_id],
+                       tok.pad_token_id)
+        for k, rows in enumerate(texts):
+            out[k].append(np.array([
+                check_answer(tok.decode(r[:-1] if r.size and r[-1] == tok.eos_token_id else r,
+                                        skip_special_tokens=True), p[2])
+                for r, p in zip(rows, chunk)]))
+    return [np.concatenate(c) for c in out]
 
 
 def teacher_samples(models: dict, preset: Any, seed: int, train_set) -> list[tuple]:
