@@ -21,7 +21,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "same-tokenizer OPD at an equal student-token budget, on small models, over three "
         "shipped strength-matched teacher pairs and several seeds, with two-level bootstrap "
         "intervals and their half-widths, an oracle diagnosis of the credit rules and an "
-        "identity control (standard preset: ~1 h on 2 cores; --quick: a smoke test, ~7 min). "
+        "identity control (standard preset: ~35 min on 2 cores; --quick: a smoke test, ~4 min). "
         "'serve': serve-teacher on the bundled teacher under one "
         "client, then N concurrent clients (requests/s, tokens/s, p50/p99 latency, errors, "
         "peak RSS; --quick: ~1 min on 2 cores). 'step': one whole OPD step per phase for the "
@@ -32,7 +32,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("which", choices=["align", "learn", "serve", "step"])
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="learn: preset settings, e.g. budget_tokens=240000 opd_lr=3e-4 "
-                   "arms=sft,opd_cross_proportional,opd_same (fields of bench.learn.Preset)")
+                   "arms=sft,opd_cross_proportional,opd_same, together=1 (OPD students one "
+                   "at a time; default 0: an arm's seeds trained together, same results) "
+                   "(fields of bench.learn.Preset)")
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")
