@@ -54,13 +54,6 @@ class Stack:
         return Stack({k: v[idx] for k, v in self.params.items()}, self.n_layer, self.n_head,
                      self.eps)
 
-    def load_into(self, model: Any, k: int) -> Any:
-        """Student ``k``'s parameters copied into ``model`` (a GPT-2 of the same shape)."""
-        with torch.no_grad():
-            for name, p in model.transformer.named_parameters():
-                p.copy_(self.params[name][k])
-        return model
-
 
 def _ln(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     # w, b: [S, D], broadcast over every axis between the student axis and the features
