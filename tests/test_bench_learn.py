@@ -295,29 +295,3 @@ def test_overrides_are_refused_outside_bench_learn(capsys):
     assert "KEY one of" in capsys.readouterr().err
     assert main(["bench", "serve", "clients=4"]) == 2
     assert "for `bench learn` only" in capsys.readouterr().err
-
-
-def test_tiny_multi_teacher_benchmark_runs_end_to_end(tmp_path, monkeypatch):
-    """Two specialist teachers on two tokenizers, the arms at an equal token budget, the
-    comparisons with paired intervals (pipeline only: the tiny models learn little)."""
-    import random
-
-    from crossopd.bench.learn_multi import ARMS as MULTI_ARMS
-    from crossopd.bench.learn_multi import MULTI_PRESETS, bench_learn_multi, make_problem
-    from crossopd.bench.learn_task import check_answer
-
-    for kind in ("add", "sub"):
-        rng = random.Random(0)
-        for _ in range(50):
-            prompt, solution, answer = make_problem(rng, kind)
-            assert check_answer(solution, answer) and answer == eval(prompt[:-1])
-    monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
-    r = bench_learn_multi("tiny", out_dir=tmp_path / "out", progress=lambda m: None)
-    assert set(r["arms"]) == set(MULTI_ARMS)
-    budget = MULTI_PRESETS["tiny"].budget_tokens
-    for arm, a in r["arms"].items():
-        assert all(0.0 <= a[f"acc_{k}"] <= 1.0 for k in ("add", "sub", "union"))
-        assert a["student_tokens"] >= (0 if arm in ("untrained", "sft_routed") else budget)
-    for name, d in r["comparisons"].items():
-        assert d["value"] is not None and d["ci_low"] <= d["value"] <= d["ci_high"], name
-    assert (tmp_path / "out" / "result.json").exists()

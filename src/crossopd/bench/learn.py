@@ -106,10 +106,11 @@ PRESETS = {
 }
 
 
-def with_settings(preset: Preset, settings: list[str]) -> Preset:
-    """``key=value`` overrides on a preset (``crossopd bench learn --quick budget_tokens=240000
-    opd_lr=3e-4 arms=sft,opd_cross_proportional,opd_same``)."""
-    fields = {f.name for f in dataclasses.fields(Preset)}
+def with_settings(preset: Any, settings: list[str]) -> Any:
+    """``key=value`` overrides on a preset, this module's or another dataclass of numbers
+    (``crossopd bench learn --quick budget_tokens=240000 opd_lr=3e-4
+    arms=sft,opd_cross_proportional,opd_same``)."""
+    fields = {f.name for f in dataclasses.fields(preset)}
     changes: dict[str, Any] = {}
     for item in settings:
         key, sep, value = item.partition("=")
@@ -132,7 +133,8 @@ def with_settings(preset: Preset, settings: list[str]) -> Preset:
         except ValueError:
             want = "an integer" if kind is int else "a number"
             raise ValueError(f"{key}={value}: expected {want}") from None
-        if key in ("seeds", "teacher_pairs", "evals", "budget_tokens") and changes[key] < 1:
+        if key in ("seeds", "teacher_pairs", "teacher_sets", "evals", "budget_tokens") and \
+                changes[key] < 1:
             raise ValueError(f"{key}={value}: must be at least 1")
         if key == "together" and changes[key] < 0:
             raise ValueError(f"together={value}: 0 (every seed at once) or more")
@@ -166,13 +168,15 @@ def load_models(preset: Preset, retrain: bool = False,
 RUNS_VERSION = 2  # 2: OPD arms on bench.stacked (its sampler in place of generate)
 
 
-def unit_dir(out_dir: Path, preset: Preset, artifacts: str) -> Path:
-    """Where each finished (arm, pair, seed) run is kept, keyed on everything it depends on but
-    the number of seeds, pairs and arms: a killed run resumes, and a rerun with more seeds
-    trains only the new ones."""
+def unit_dir(out_dir: Path, preset: Any, artifacts: str, code: str | int = RUNS_VERSION
+             ) -> Path:
+    """Where each finished (arm, pair, seed) run of a preset (a dataclass) is kept, keyed on
+    everything it depends on but the number of seeds, pairs and arms: a killed run resumes, and
+    a rerun with more seeds trains only the new ones. ``code``: the version of the arms' code."""
     fields = {k: v for k, v in asdict(preset).items()
-              if k not in ("seeds", "teacher_pairs", "arms", "diagnosis_rollouts", "together")}
-    key = json.dumps({**fields, "artifacts": artifacts, "code": RUNS_VERSION,
+              if k not in ("seeds", "teacher_pairs", "teacher_sets", "arms",
+                           "diagnosis_rollouts", "together")}
+    key = json.dumps({**fields, "artifacts": artifacts, "code": code,
                       "crossopd": __version__}, sort_keys=True)
     return out_dir / "units" / hashlib.sha1(key.encode()).hexdigest()[:12]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from crossopd.step.data import Example
 from crossopd.step.loss import advantages, policy_loss
 from crossopd.step.score import Scored, penalize_specials, score_rollouts
 from crossopd.step.settings import StepSettings
-from crossopd.step.sides import hf_pair
+from crossopd.step.sides import StudentSide, TeacherSide
+from crossopd.teachers.hf import HFTeacher
 
 
 def curve_points(preset: Any) -> list[int]:
@@ -51,9 +53,11 @@ def run_opd(models: dict, teacher_key: str, rule: str, preset: Any, seed: int,
                          oracle=oracle, one_to_one=one_to_one)[0]
 
 
-def run_opd_seeds(models: dict, teacher_key: str, rule: str, preset: Any, seeds: list[int],
-                  train_set, test_set, oracle: bool = False, one_to_one: bool = False,
-                  keep_weights: bool = False) -> list[dict]:
+def run_opd_seeds(models: dict, teacher_key: str | tuple[str, ...], rule: str, preset: Any,
+                  seeds: list[int], train_set, test_set, oracle: bool = False,
+                  one_to_one: bool = False, keep_weights: bool = False,
+                  route: Callable[[str], str] | None = None,
+                  mix: dict[str, float] | None = None) -> list[dict]:
     """OPD from ``teacher_key`` with credit ``rule``, one student per seed, trained together
     (``bench.stacked``: one forward, backward and sampler call for all of them; each student's
     prompts and draws from its own seed, each on its own budget). ``oracle``: trained on the
@@ -62,12 +66,24 @@ def run_opd_seeds(models: dict, teacher_key: str, rule: str, preset: Any, seeds:
     ``one_to_one``: signal on 1:1 chunks only (``one_to_one_scored``), the m:n chunks' tokens
     counted in ``m_n_masked_tokens``. Teacher scoring, alignment and credit run through the
     step library, per student. ``keep_weights``: each result also holds its student's final
-    parameters (``weights``)."""
+    parameters (``weights``).
+
+    Several teachers (``teacher_key`` a tuple of keys, each teacher named by its key): ``route``
+    maps a prompt to the key of the teacher that scores its rows (``Example.teacher``), ``mix``
+    weighs every teacher's advantages on every row (``StepSettings.mix``)."""
     student, s_tok = models["student"]
-    teacher, t_tok = models[teacher_key]
-    s_side, teachers = hf_pair(student, s_tok, teacher, t_tok)
-    prefix = PrefixLogprobs.from_model(teacher) if oracle else None
-    settings = StepSettings.build(rule, max_new_tokens=preset.max_new_tokens)
+    keys = (teacher_key,) if isinstance(teacher_key, str) else teacher_key
+    if oracle and len(keys) > 1:
+        raise ValueError("the oracle arm scores with one teacher")
+    s_side = StudentSide.from_model(student, s_tok)
+    # a single teacher keeps the step library's default name; several are named by their keys,
+    # which ``route`` and ``mix`` use
+    named = len(keys) > 1
+    teachers = {side.name: side for side in (
+        TeacherSide.from_tokenizer(HFTeacher(models[k][0]), models[k][1],
+                                   **({"name": k} if named else {})) for k in keys)}
+    prefix = PrefixLogprobs.from_model(models[keys[0]][0]) if oracle else None
+    settings = StepSettings.build(rule, max_new_tokens=preset.max_new_tokens, mix=mix)
     st = Stack.of([student] * len(seeds))
     opt = StackedAdamW(st, lr=preset.opd_lr)
     rngs = [random.Random(seed) for seed in seeds]
@@ -81,7 +97,8 @@ def run_opd_seeds(models: dict, teacher_key: str, rule: str, preset: Any, seeds:
     width = prompt_width + preset.max_new_tokens
     while live := [k for k in range(n) if tokens[k] < preset.budget_tokens]:
         sub = st.select(live)
-        batches = [[Example([{"role": "user", "content": p}], str(a))
+        batches = [[Example([{"role": "user", "content": p}], str(a),
+                            teacher=route(p) if route else None)
                     for p, _, a in rngs[k].sample(train_set, preset.opd_batch)] for k in live]
         prompts = [[s_side.fmt.prompt_ids(e.messages) for e in b] for b in batches]
         responses = sample(sub, prompts, preset.max_new_tokens, s_side.fmt.stop_ids,
@@ -103,7 +120,8 @@ def run_opd_seeds(models: dict, teacher_key: str, rule: str, preset: Any, seeds:
             scored = score_rollouts(s_side, teachers, batches[j], prompts[j], responses[j],
                                     settings, old_logps=old[j])
             if prefix is not None:
-                scored = oracle_scored(scored, prefix, s_side.vocab, teachers["teacher"].vocab,
+                scored = oracle_scored(scored, prefix, s_side.vocab,
+                                       next(iter(teachers.values())).vocab,
                                        settings.penalty, settings.loss.adv_clamp)
             if one_to_one:
                 scored, dropped = one_to_one_scored(scored, settings.loss.adv_clamp)
@@ -157,23 +175,28 @@ def correct_answers_stacked(st: Stack, tok: Any, problems: list, max_new_tokens:
     return [np.concatenate(c) for c in out]
 
 
-def teacher_samples(models: dict, preset: Any, seed: int, train_set) -> list[tuple]:
-    """(problem, teacher text) for up to 2000 training prompts, sampled from T_x."""
-    teacher, t_tok = models["teacher_x"]
+def teacher_samples(models: dict, preset: Any, seed: int, train_set,
+                    teacher_key: str = "teacher_x", n: int = 2000) -> list[tuple]:
+    """(problem, teacher text) for up to ``n`` training prompts, sampled from the teacher."""
+    teacher, t_tok = models[teacher_key]
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    probs = rng.sample(train_set, min(len(train_set), 2000))
+    probs = rng.sample(train_set, min(len(train_set), n))
     texts = generate_texts(teacher, t_tok, [p[0] for p in probs], preset.max_new_tokens,
                            sample=True)
     return list(zip(probs, texts))
 
 
-def run_sft(models: dict, preset: Any, seed: int, train_set, test_set) -> dict:
-    """Cross-entropy on T_x's own samples, re-spelled in the student's tokenization."""
+def run_sft(models: dict, preset: Any, seed: int, train_set, test_set,
+            samples: list[tuple] | None = None) -> dict:
+    """Cross-entropy on T_x's own samples (or on ``samples``: (problem, teacher text) pairs),
+    re-spelled in the student's tokenization."""
     student, s_tok = models["student"]
     student = copy.deepcopy(student)
     pairs = []
-    for prob, text in teacher_samples(models, preset, seed, train_set):
+    if samples is None:
+        samples = teacher_samples(models, preset, seed, train_set)
+    for prob, text in samples:
         p_ids, r_ids = encode_pair(s_tok, prob[0], text)
         pairs.append((p_ids, r_ids[:160]))  # a rambling sample stays within context
     per_step = 32

@@ -88,17 +88,21 @@ def build_artifacts(preset: Any, pairs: int, dest: Path, splits: tuple[list, lis
                 stop_at=trained[f"pair{k}/teacher_x"]["val_acc"], val=val)
         trained["student"] = pretrain(tmp / "student", toks["student"], train, preset,
                                       preset.student_steps, 13, progress, "student")
-        files = {str(f.relative_to(tmp)): _digest(f) for f in sorted(tmp.rglob("*"))
-                 if f.is_file()}
-        manifest = {"key": artifact_key(preset), "pairs": pairs,
-                    "settings": {k: v for k, v in asdict(preset).items() if k in MODEL_FIELDS},
-                    "seeds": {f"pair{k}": pair_seeds(k) for k in range(pairs)},
-                    "trained": trained, "sha256": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp, {
+            "key": artifact_key(preset), "pairs": pairs,
+            "settings": {k: v for k, v in asdict(preset).items() if k in MODEL_FIELDS},
+            "seeds": {f"pair{k}": pair_seeds(k) for k in range(pairs)}, "trained": trained})
 
     if dest.exists():
         shutil.rmtree(dest)
     return atomic_dir_write(dest, build)
+
+
+def write_manifest(root: Path, fields: dict) -> None:
+    """``root/manifest.json``: ``fields`` and the SHA-256 digest of every file under ``root``."""
+    files = {str(f.relative_to(root)): _digest(f) for f in sorted(root.rglob("*"))
+             if f.is_file()}
+    (root / "manifest.json").write_text(json.dumps({**fields, "sha256": files}, indent=1))
 
 
 def verify(root: Path) -> dict:
@@ -122,21 +126,28 @@ def locate(preset: Any, pairs: int, splits: tuple[list, list, list], retrain: bo
     """(artifact directory, where it came from: ``shipped``, ``cache`` or ``trained``). The
     shipped artifacts serve a preset whose model settings and pair count they were built for."""
     key = artifact_key(preset)
+    cached = cache_dir() / "bench_learn" / f"{VERSION}-{key}"
+    return find_artifacts(key, pairs, "pairs", (SHIPPED, cached), retrain, lambda: (
+        progress(f"training {pairs} teacher pair(s) and the student into {cached}"),
+        build_artifacts(preset, pairs, cached, splits, progress)))
 
+
+def find_artifacts(key: str, count: int, field: str, roots: tuple[Path, Path], retrain: bool,
+                   build: Callable[[], Any]) -> tuple[Path, str]:
+    """(directory, ``shipped``, ``cache`` or ``trained``): the first of ``roots`` (shipped,
+    cache) whose manifest has ``key`` and at least ``count`` in its ``field``, or the cache
+    after ``build()`` has trained into it (always, with ``retrain``)."""
     def serves(root: Path) -> bool:
         if not (root / "manifest.json").exists():
             return False
         manifest = json.loads((root / "manifest.json").read_text())
-        return manifest["key"] == key and manifest["pairs"] >= pairs
+        return manifest["key"] == key and manifest[field] >= count
 
-    if not retrain and serves(SHIPPED):
-        return SHIPPED, "shipped"
-    cached = cache_dir() / "bench_learn" / f"{VERSION}-{key}"
-    if not retrain and serves(cached):
-        return cached, "cache"
-    progress(f"training {pairs} teacher pair(s) and the student into {cached}")
-    build_artifacts(preset, pairs, cached, splits, progress)
-    return cached, "trained"
+    for root, source in zip(roots, ("shipped", "cache")):
+        if not retrain and serves(root):
+            return root, source
+    build()
+    return roots[1], "trained"
 
 
 def load_artifacts(root: Path, pairs: int) -> list[dict[str, Any]]:

@@ -38,9 +38,11 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--multi-teacher", action="store_true", help="learn: two teachers of two "
-                   "tokenizer families, each strong on one of two sub-tasks: routed, mixed, "
-                   "each alone, SFT on the routed teachers' samples (tiny or quick preset)")
+    b.add_argument("--multi-teacher", action="store_true", help="learn: two specialist "
+                   "teachers of two tokenizer families (shipped), each strong on one of two "
+                   "sub-tasks: each alone, routed, mixed, SFT on the routed teachers' samples; "
+                   "per-skill gains with two-level intervals (tiny, quick or standard preset; "
+                   "KEY=VALUE: fields of bench.learn_multi.MultiPreset)")
     b.add_argument("--agentic", action="store_true", help="learn: a tool task (two-turn "
                    "trajectories: a call of a mul tool, then the answer) with a cross-family "
                    "teacher that writes calls in another syntax: SFT on its trajectories, "
@@ -60,8 +62,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                    "one docs/benchmarks.md quotes; quick is a smoke test, full trains larger "
                    "models of its own)")
     b.add_argument("--retrain-teachers", action="store_true", help="learn: train the teacher "
-                   "pairs and the student anew (into the cache) instead of loading the ones "
-                   "shipped with crossopd")
+                   "pairs (with --multi-teacher: the specialist sets) and the student anew "
+                   "(into the cache) instead of loading the ones shipped with crossopd")
     b.add_argument("--out", help="learn, serve: output directory (default runs/bench_learn, "
                    "runs/bench_serve)")
     b.add_argument("--device", default="cpu", help="step: cpu, cuda or auto (default cpu)")
@@ -84,9 +86,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from crossopd.bench.learn_stats import render_learn_table
 
         preset = args.preset or ("quick" if args.quick else "standard")
-        if args.retrain_teachers and (args.multi_teacher or args.agentic):
-            raise ValueError("--retrain-teachers is for `bench learn` without --multi-teacher "
-                             "or --agentic (those train their models into the cache)")
+        if args.retrain_teachers and args.agentic:
+            raise ValueError("--retrain-teachers is not for `bench learn --agentic` (it trains "
+                             "its models into the cache)")
         if sum((args.multi_teacher, args.agentic, args.teacher_properties)) > 1:
             raise ValueError("choose one of --multi-teacher, --agentic and "
                              "--teacher-properties")
@@ -107,12 +109,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   file=args.stdout)
             return 0
         if args.multi_teacher:
-            from crossopd.bench.learn_multi import bench_learn_multi, render_multi_table
+            from crossopd.bench.learn_multi import (
+                MULTI_PRESETS,
+                bench_learn_multi,
+                render_multi_table,
+            )
 
-            if args.overrides:
-                raise ValueError("bench learn --multi-teacher takes no KEY=VALUE overrides")
-            result = bench_learn_multi("tiny" if preset == "tiny" else "quick",
-                                       out_dir=args.out or "runs/bench_learn_multi", progress=log)
+            if preset not in MULTI_PRESETS:
+                raise ValueError(f"bench learn --multi-teacher: preset {preset!r}; choose one "
+                                 f"of {', '.join(MULTI_PRESETS)}")
+            result = bench_learn_multi(preset, out_dir=args.out or "runs/bench_learn_multi",
+                                       progress=log, retrain_teachers=args.retrain_teachers,
+                                       settings=args.overrides)
             print(json.dumps(result) if args.json else render_multi_table(result), file=args.stdout)
             return 0
         if args.agentic:
