@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossopd.bench.learn import ARMS, PRESETS, bench_learn, with_settings
+from crossopd.bench.learn import ARMS, HEADLINE_ARMS, PRESETS, bench_learn, with_settings
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio, summarise
 from crossopd.bench.learn_task import (
     check_answer,
@@ -62,14 +62,16 @@ def test_tokenizers_disagree_on_digit_boundaries_but_align_exactly():
 
 def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSOPD_CACHE", str(tmp_path / "cache"))
-    r = bench_learn("tiny", out_dir=tmp_path / "out", progress=lambda m: None)
+    # cross and oracle on 3 seeds per pair, the other arms on the preset's 2
+    r = bench_learn("tiny", out_dir=tmp_path / "out", progress=lambda m: None,
+                    settings=["headline_seeds=3"])
     assert set(r["arms"]) == set(ARMS)
     assert {"opd_cross_chunk", "uld", "opd_oracle", "opd_cross_1to1"} <= set(ARMS)
     assert set(r["ratio_cross_oracle"]) >= {"value", "ci_low", "ci_high"}
     for arm in r["arms"]:
         a = r["arms"][arm]
         assert 0.0 <= a["acc_mean"] <= 1.0 and a["acc_std"] >= 0.0
-        assert len(a["acc_per_seed"]) == 4
+        assert len(a["acc_per_seed"]) == (6 if arm in (*HEADLINE_ARMS, "untrained") else 4)
         assert a["student_tokens"] >= (0 if arm == "untrained" else 600)
     assert 0.0 < r["one_to_one_share"] <= 1.0
     assert set(r["ratio_cross_same"]) >= {"value", "ci_low", "ci_high"}
@@ -82,10 +84,12 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path, monkeypatch):
     assert r["teachers"]["source"] == "trained"  # the tiny preset has no shipped pairs
     assert [t["pair"] for t in r["teachers"]["pairs"]] == [0, 1]
     assert len(r["by_pair"]) == 2
-    runs = r["arms"]["opd_oracle"]["acc_per_seed"]
-    assert len(runs) == 4  # 2 pairs x 2 seeds
     assert set(r["power"]["statistics"]) == {"ratio_cross_oracle", "cross_minus_oracle",
                                              "cross_minus_sft"}
+    # each statistic over the (pair, seed) runs its arms share
+    assert r["cross_minus_oracle"]["runs"] == r["power"]["statistics"]["cross_minus_oracle"][
+        "runs"] == 6
+    assert r["cross_minus_sft"]["runs"] == 4 and r["one_to_one_minus_cross"]["runs"] == 4
     assert isinstance(r["power"]["readable"], bool)
     assert r["machine"]["cpu"] and r["machine"]["torch"]
     from crossopd.bench.learn_stats import render_learn_table
@@ -127,6 +131,22 @@ def _runs(acc_by_arm: dict[str, list[list[int]]]) -> dict:
     return {arm: [{"acc": float(np.mean(c)), "correct": np.array(c), "tokens": 100,
                    "curve": [(100, float(np.mean(c)))]} for c in seeds]
             for arm, seeds in acc_by_arm.items()}
+
+
+def test_a_comparison_uses_the_seeds_its_arms_share(tmp_path):
+    """Cross and oracle with 3 seeds per pair, SFT with 2: cross - oracle over all 3, cross -
+    SFT over the first 2 (the runs paired by seed)."""
+    acc = {"untrained": [[0, 0, 1, 0]] * 3, "opd_cross_proportional": [[1, 1, 1, 0], [1, 0, 1, 0],
+                                                                       [1, 1, 1, 1]],
+           "opd_oracle": [[1, 0, 1, 0]] * 3, "sft": [[0, 0, 1, 1]] * 2}
+    runs = {arm: [{**r, "pair": k, "seed": s} for k in range(2) for s, r in enumerate(rs)]
+            for arm, rs in _runs(acc).items()}
+    r = summarise(runs, {"matched": True}, tmp_path)
+    assert r["cross_minus_oracle"]["value"] == pytest.approx((3 + 2 + 4) / 12 - 0.5)
+    assert r["cross_minus_oracle"]["runs"] == 6
+    assert r["cross_minus_sft"]["value"] == pytest.approx((3 + 2) / 8 - 0.5)
+    assert r["cross_minus_sft"]["runs"] == 4
+    assert r["power"]["statistics"]["cross_minus_sft"]["runs"] == 4
 
 
 def test_bootstrap_statistics_match_their_definitions():

@@ -27,6 +27,7 @@ from crossopd.bench.learn_multi_models import (
     make_problem,
     specialist_rows,
     splits,
+    student_rows,
 )
 from crossopd.bench.learn_task import check_answer
 from crossopd.bench.learn_teachers import ArtifactError, verify
@@ -57,13 +58,16 @@ def test_problems_meet_their_checker_and_route_to_their_specialist():
         assert not (train & val or train & test or val & test)
 
 
-def test_a_specialist_sees_weak_share_of_the_other_sub_task():
+def test_a_specialist_sees_weak_share_of_the_other_sub_task_and_the_student_more_sub():
     train = splits(MULTI_PRESETS["quick"])
     train = {k: train[k][0] for k in KINDS}
     rows = specialist_rows(train, "sub", 0.05, seed=0)
     kinds = [kind_of(p) for p, _, _ in rows]
     assert kinds.count("sub") == len(train["sub"])
     assert kinds.count("add") / len(rows) == pytest.approx(0.05, abs=1e-3)
+    student = [kind_of(p) for p, _, _ in student_rows(train, 0.67)]
+    assert student.count("sub") == len(train["sub"])
+    assert student.count("sub") / len(student) == pytest.approx(0.67, abs=1e-3)
 
 
 def test_the_three_tokenizers_split_numbers_three_ways(tiny):

@@ -54,6 +54,9 @@ ARMS = ("untrained", "sft", *(f"opd_cross_{r}" for r in CROSS_RULES), "opd_cross
 
 
 # ------------------------------------------------------------------------------ presets
+HEADLINE_ARMS = ("opd_cross_proportional", "opd_oracle")  # the arms of cross - oracle
+
+
 @dataclass(frozen=True)
 class Preset:
     digits: int = 2
@@ -77,6 +80,10 @@ class Preset:
     uld_lr: float = 1e-3  # not in the grid
     evals: int = 4  # accuracy checkpoints along each arm
     seeds: int = 5  # student seeds per teacher pair
+    # seeds per pair of the two arms of the cross - oracle statistic (opd_cross_proportional,
+    # opd_oracle), where more than ``seeds`` buys its power; 0: ``seeds``. Every comparison is
+    # bootstrapped over the seeds its arms share
+    headline_seeds: int = 0
     # OPD students trained together (bench.stacked: one forward, backward and sampler call for
     # all of them; each exactly the model it is alone): 0 = every seed of an arm and pair
     together: int = 0
@@ -95,10 +102,11 @@ PRESETS = {
     # intervals are too wide to read
     "quick": Preset(seeds=1),
     # the preset the docs quote: three times quick's budget (SFT has levelled off there, OPD
-    # has not), every pair x 4 seeds (~5 min per pair and seed on 2 cores), every arm but the
-    # two the claim is not about (chunk, our ablation, and ULD); the same model settings as
+    # has not), every pair x 4 seeds, and x 12 for cross and oracle, whose paired difference
+    # needs ~36 runs per arm for its ±0.02 target (~57 min on 2 cores); every arm but the two
+    # the claim is not about (chunk, our ablation, and ULD); the same model settings as
     # quick's, so both load the shipped pairs
-    "standard": Preset(budget_tokens=240_000, evals=6, seeds=4,
+    "standard": Preset(budget_tokens=240_000, evals=6, seeds=4, headline_seeds=12,
                        arms=tuple(a for a in ARMS if a not in ("opd_cross_chunk", "uld"))),
     "full": Preset(n_train=20_000, width=96, layers=3,
                    teacher_target=0.8, teacher_steps=8000, student_steps=1200,
@@ -136,8 +144,8 @@ def with_settings(preset: Any, settings: list[str]) -> Any:
         if key in ("seeds", "teacher_pairs", "teacher_sets", "evals", "budget_tokens") and \
                 changes[key] < 1:
             raise ValueError(f"{key}={value}: must be at least 1")
-        if key == "together" and changes[key] < 0:
-            raise ValueError(f"together={value}: 0 (every seed at once) or more")
+        if key in ("together", "headline_seeds") and changes[key] < 0:
+            raise ValueError(f"{key}={value}: 0 (see bench.learn.Preset) or more")
     return dataclasses.replace(preset, **changes)
 
 
@@ -174,7 +182,7 @@ def unit_dir(out_dir: Path, preset: Any, artifacts: str, code: str | int = RUNS_
     everything it depends on but the number of seeds, pairs and arms: a killed run resumes, and
     a rerun with more seeds trains only the new ones. ``code``: the version of the arms' code."""
     fields = {k: v for k, v in asdict(preset).items()
-              if k not in ("seeds", "teacher_pairs", "teacher_sets", "arms",
+              if k not in ("seeds", "headline_seeds", "teacher_pairs", "teacher_sets", "arms",
                            "diagnosis_rollouts", "together")}
     key = json.dumps({**fields, "artifacts": artifacts, "code": code,
                       "crossopd": __version__}, sort_keys=True)
@@ -232,13 +240,14 @@ def bench_learn(preset_name: str = "quick", out_dir: str | Path = "runs/bench_le
                  f"identity exact={diagnoses[-1]['identity']['exact']}")
         # common random numbers: seed s draws the same prompts and sampling seeds in every
         # arm and every pair, from the same student
-        seeds = list(range(preset.seeds))
+        most = list(range(max(preset.seeds, preset.headline_seeds)))
         runs["untrained"] += [{"acc": float(base.mean()), "correct": base, "tokens": 0,
                                "curve": [(0, float(base.mean()))], "pair": k, "seed": seed}
-                              for seed in seeds]
+                              for seed in most]
         for arm in runs:
             if arm == "untrained":
                 continue
+            seeds = most if arm in HEADLINE_ARMS else list(range(preset.seeds))
             found, kept = cached_runs([units / f"{arm}-pair{k}-seed{seed}.json" for seed in seeds],
                                       partial(timed_runs, arm, models, preset, seeds, train_set,
                                               test_set))

@@ -6,7 +6,8 @@ solution. In set k, T_add is trained on ``add`` plus ``weak_share`` of ``sub`` u
 validation accuracy reaches ``teacher_target``; T_sub the other way round. The three tokenizers
 split numbers three ways: T_add's byte-level BPE merges digit runs (learned on both sub-tasks),
 T_sub's is another byte-level BPE learned on its own training rows, so its merges differ, and
-the student's splits every digit. The student is pretrained weakly on both sub-tasks.
+the student's splits every digit. The student is pretrained weakly on both sub-tasks (more on
+``sub``, the harder one for it).
 
 As with ``bench.learn_teachers`` (whose manifest, digest check and lookup these use), a teacher
 trained on another CPU is another random draw, so the sets are a random factor the statistics
@@ -39,7 +40,8 @@ VERSION = "m2"
 KINDS = ("add", "sub")
 SPECIALISTS = tuple(f"teacher_{k}" for k in KINDS)
 MODEL_FIELDS = ("n_train", "n_val", "n_test", "width", "layers", "teacher_target",
-                "teacher_steps", "teacher_check_every", "weak_share", "student_steps")
+                "teacher_steps", "teacher_check_every", "weak_share", "student_steps",
+                "student_sub_share")
 
 
 def make_problem(rng: random.Random, kind: str) -> tuple[str, str, int]:
@@ -84,6 +86,13 @@ def specialist_rows(train: dict[str, list], strong: str, weak_share: float, seed
     return train[strong] + random.Random(seed).sample(train[weak], min(n, len(train[weak])))
 
 
+def student_rows(train: dict[str, list], sub_share: float) -> list:
+    """The student's data: every ``sub`` row and as many ``add`` rows as make ``sub``
+    ``sub_share`` of the whole."""
+    n = int(len(train["sub"]) * (1 - sub_share) / sub_share)
+    return train["add"][:n] + train["sub"]
+
+
 def artifact_key(preset: Any) -> str:
     fields = {k: v for k, v in asdict(preset).items() if k in MODEL_FIELDS}
     fields.update(version=VERSION)
@@ -115,8 +124,8 @@ def build_artifacts(preset: Any, sets: int, dest: Path,
                     seed, progress, f"set {k} {name}", stop_at=preset.teacher_target,
                     val=data[kind][1])
         trained["student"] = pretrain(tmp / "student", toks["student"],
-                                      train["add"] + train["sub"], preset, preset.student_steps,
-                                      53, progress, "student")
+                                      student_rows(train, preset.student_sub_share), preset,
+                                      preset.student_steps, 53, progress, "student")
         write_manifest(tmp, {
             "key": artifact_key(preset), "sets": sets,
             "settings": {k: v for k, v in asdict(preset).items() if k in MODEL_FIELDS},

@@ -86,19 +86,22 @@ def by_pair(rs: list[dict]) -> np.ndarray:
     return np.stack(rows)
 
 
-def power(result: dict, runs: int) -> dict:
+def power(result: dict, runs: int | None = None) -> dict:
     """Each headline statistic's interval half-width against its target, and whether every
     statistic that ran met it (``readable``): an interval wider than that cannot tell the
     readings apart that the benchmark exists for. ``runs_for_target`` projects the (pair, seed)
     runs per arm the target would take, were the half-width to shrink as 1/sqrt(runs) (it
-    shrinks more slowly while there are few pairs: the teacher draw then dominates)."""
+    shrinks more slowly while there are few pairs: the teacher draw then dominates). ``runs``:
+    the runs per arm behind each statistic, else each statistic's own ``runs``."""
     out: dict[str, dict] = {}
     for key, target in POWER_TARGETS.items():
         hw = result[key].get("half_width")
+        n = result[key].get("runs") if runs is None else runs
         out[key] = {"half_width": hw, "target": target,
                     "met": None if hw is None else bool(hw <= target),
-                    "runs": runs,
-                    "runs_for_target": None if not hw else math.ceil(runs * (hw / target) ** 2)}
+                    "runs": n,
+                    "runs_for_target": None if not hw or not n else
+                    math.ceil(n * (hw / target) ** 2)}
     either = [out[k]["met"] for k in EITHER if out[k]["met"] is not None]
     rest = [d["met"] for k, d in out.items() if k not in EITHER and d["met"] is not None]
     readable = bool(either or rest) and (any(either) or not either) and all(rest)
@@ -173,10 +176,15 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
     correct = {arm: by_pair(rs) for arm, rs in runs.items()}
 
     def stat(fn: Callable, *needed: str) -> dict:
+        """``fn``'s interval over the (pair, seed) runs that all of ``needed`` (and the
+        untrained student) share: arms may run more seeds (``headline_seeds``)."""
         if missing := [a for a in needed if a not in correct]:
             return {"value": None, "ci_low": None, "ci_high": None,
                     "refused": f"not run: {', '.join(missing)}"}
-        return bootstrap(correct, fn)
+        used = (*needed, "untrained")
+        seeds = min(correct[a].shape[1] for a in used)
+        r = bootstrap({a: correct[a][:, :seeds] for a in used}, fn)
+        return {**r, "runs": correct[needed[0]].shape[0] * seeds}
 
     rules = [a.removeprefix("opd_cross_") for a in runs if a.startswith("opd_cross_")]
     ratios = {rule: stat(gain_ratio(f"opd_cross_{rule}", "opd_same", "untrained"),
@@ -217,7 +225,7 @@ def summarise(runs: dict[str, list[dict]], teachers: dict, out_dir: str | Path) 
         "recovery_from_sft": stat(gain_ratio(cross, "opd_same", "sft"), cross, "opd_same", "sft"),
         "plot": str(plot),
     }
-    result["power"] = power(result, int(np.prod(next(iter(correct.values())).shape[:2])))
+    result["power"] = power(result)
     return result
 
 
