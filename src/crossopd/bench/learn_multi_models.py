@@ -31,7 +31,8 @@ from crossopd.bench.learn_task import (
     train_student_tokenizer,
     train_teacher_tokenizer,
 )
-from crossopd.bench.learn_teachers import find_artifacts, pretrain, verify, write_manifest
+from crossopd.bench.learn_teachers import find_artifacts, pretrain, write_manifest
+from crossopd.bench.learn_teachers import load_artifacts as load_pair_artifacts
 from crossopd.files import atomic_dir_write, cache_dir
 
 SHIPPED = Path(__file__).parent / "learn_teachers_multi"
@@ -147,23 +148,6 @@ def locate(preset: Any, sets: int, retrain: bool = False,
 
 
 def load_artifacts(root: Path, sets: int) -> list[dict[str, Any]]:
-    """One models dict per set (``teacher_add``, ``teacher_sub``, ``student``: (model,
-    tokenizer); ``training``: how each specialist was trained; ``pair``: the set's index, the
-    statistics' first level), digests checked. The student is the same model in every set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    manifest = verify(root)
-
-    def load(path: Path) -> tuple[Any, Any]:
-        return (AutoModelForCausalLM.from_pretrained(path).eval(),
-                AutoTokenizer.from_pretrained(path))
-
-    student = load(root / "student")
-    out = []
-    for k in range(sets):
-        models = {name: load(root / f"set{k}" / name) for name in SPECIALISTS}
-        models.update(student=student, pair=k,
-                      training={name: manifest["trained"][f"set{k}/{name}"]
-                                for name in SPECIALISTS})
-        out.append(models)
-    return out
+    """One models dict per set (``teacher_add``, ``teacher_sub``, ``student``; ``pair``: the
+    set's index, the statistics' first level), digests checked."""
+    return load_pair_artifacts(root, sets, unit="set", teachers=SPECIALISTS)

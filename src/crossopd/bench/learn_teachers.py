@@ -150,10 +150,12 @@ def find_artifacts(key: str, count: int, field: str, roots: tuple[Path, Path], r
     return roots[1], "trained"
 
 
-def load_artifacts(root: Path, pairs: int) -> list[dict[str, Any]]:
-    """One models dict per pair (``teacher_x``, ``teacher_s``, ``student``: (model, tokenizer);
+def load_artifacts(root: Path, pairs: int, unit: str = "pair",
+                   teachers: tuple[str, ...] = TEACHERS) -> list[dict[str, Any]]:
+    """One models dict per pair (each ``teachers`` name and ``student``: (model, tokenizer);
     ``training``: how each teacher was trained; ``pair``: its index), digests checked. The
-    student is the same model in every pair."""
+    student is the same model in every pair. ``unit``: the directory prefix of a pair
+    (``pair0/``, or ``set0/`` for ``bench learn --multi-teacher``'s specialist sets)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = verify(root)
@@ -165,10 +167,10 @@ def load_artifacts(root: Path, pairs: int) -> list[dict[str, Any]]:
     student = load(root / "student")
     out = []
     for k in range(pairs):
-        models = {name: load(root / f"pair{k}" / name) for name in TEACHERS}
+        models = {name: load(root / f"{unit}{k}" / name) for name in teachers}
         models.update(student=student, pair=k,
-                      training={name: manifest["trained"][f"pair{k}/{name}"]
-                                for name in TEACHERS})
+                      training={name: manifest["trained"][f"{unit}{k}/{name}"]
+                                for name in teachers})
         out.append(models)
     return out
 
