@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from crossopd.bench.learn_arms import run_opd_seeds
-from crossopd.bench.learn_multi import MULTI_PRESETS, route
+from crossopd.bench.learn_multi import ARMS, MULTI_PRESETS, route
 from crossopd.bench.learn_multi_models import (
     KINDS,
     SHIPPED,
@@ -151,8 +151,8 @@ def test_tiny_multi_teacher_benchmark_end_to_end_resumes_from_its_units(tmp_path
     r = json.loads(capsys.readouterr().out)
     preset = MULTI_PRESETS["tiny"]
     runs = json.loads((tmp_path / "out" / "runs.json").read_text())
-    assert set(r["arms"]) == set(runs) == {"untrained", "opd_add", "opd_sub", "routed",
-                                           "mixed", "sft_routed"}
+    assert set(r["arms"]) == set(runs) == set(ARMS) >= {"untrained", "opd_add_own", "opd_sub",
+                                                        "routed", "mixed", "sft_routed"}
     for arm, rs in runs.items():
         assert len(rs) == preset.teacher_sets * preset.seeds
         assert sorted((x["pair"], x["seed"]) for x in rs) == [
@@ -168,6 +168,6 @@ def test_tiny_multi_teacher_benchmark_end_to_end_resumes_from_its_units(tmp_path
     # a rerun reads every run back and trains nothing
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["reused_units"] == 5 * preset.teacher_sets * preset.seeds
+    assert again["reused_units"] == (len(ARMS) - 1) * preset.teacher_sets * preset.seeds
     assert again["artifacts"]["source"] == "cache"
     assert again["comparisons"] == r["comparisons"]

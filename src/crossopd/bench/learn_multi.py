@@ -5,8 +5,9 @@ The models (``bench.learn_multi_models``): K shipped sets of two specialists, T_
 each strong on its own sub-task and on its own tokenizer, and one weak student on a third
 tokenizer. Arms, at an equal budget of student tokens, on rows of both sub-tasks:
 
-  untrained; opd_add, opd_sub (one specialist scores every row: each alone must measurably
-  teach its own skill, or the benchmark cannot say anything about two); routed (each row to
+  untrained; opd_add_own, opd_sub_own (a specialist alone, on its own sub-task's rows: each
+  must measurably teach its own skill, or the benchmark cannot say anything about two);
+  opd_add, opd_sub (one specialist scores every row of both); routed (each row to
   its sub-task's specialist: ``Example.teacher``); mixed (``mix`` 1:1: both specialists score
   every row, advantages averaged); sft_routed (cross-entropy on each specialist's own samples of
   its own sub-task, re-spelled for the student)
@@ -44,7 +45,8 @@ from crossopd.bench.learn_task import correct_answers
 from crossopd.bench.machine import machine
 from crossopd.files import atomic_write_text
 
-ARMS = ("untrained", "opd_add", "opd_sub", "routed", "mixed", "sft_routed")
+ARMS = ("untrained", "opd_add_own", "opd_sub_own", "opd_add", "opd_sub", "routed", "mixed",
+        "sft_routed")
 RUNS_VERSION = 1
 
 
@@ -104,6 +106,9 @@ def run_arm(arm: str, models: dict, preset: MultiPreset, seeds: list[int], data:
             for seed in seeds]
     opd = partial(run_opd_seeds, models, rule="proportional", preset=preset, seeds=seeds,
                   train_set=train, test_set=test)
+    if arm in ("opd_add_own", "opd_sub_own"):  # the specialist on its own sub-task's rows
+        kind = arm[4:7]
+        return opd(teacher_key=f"teacher_{kind}", train_set=data[kind][0])
     if arm in ("opd_add", "opd_sub"):
         return opd(teacher_key=f"teacher_{arm[4:]}")
     if arm == "routed":
@@ -144,14 +149,20 @@ def summarise(runs: dict[str, list[dict]], n_test: int) -> dict:
 
     comparisons = {
         # each specialist alone teaches its own skill: without this, nothing below can be read
+        "opd_add_own_minus_untrained_on_add": diff("opd_add_own", "untrained", "add"),
+        "opd_sub_own_minus_untrained_on_sub": diff("opd_sub_own", "untrained", "sub"),
+        # one specialist for every row, on its own skill and on the other
         "opd_add_minus_untrained_on_add": diff("opd_add", "untrained", "add"),
         "opd_sub_minus_untrained_on_sub": diff("opd_sub", "untrained", "sub"),
+        "opd_add_minus_untrained_on_sub": diff("opd_add", "untrained", "sub"),
+        "opd_sub_minus_untrained_on_add": diff("opd_sub", "untrained", "add"),
         # routing: both skills at once
         "routed_minus_untrained_on_add": diff("routed", "untrained", "add"),
         "routed_minus_untrained_on_sub": diff("routed", "untrained", "sub"),
-        # what routing costs against each specialist on its own skill
-        "routed_minus_opd_add_on_add": diff("routed", "opd_add", "add"),
-        "routed_minus_opd_sub_on_sub": diff("routed", "opd_sub", "sub"),
+        # what routing costs against each specialist alone on its own skill (which spends the
+        # whole budget on that skill)
+        "routed_minus_opd_add_own_on_add": diff("routed", "opd_add_own", "add"),
+        "routed_minus_opd_sub_own_on_sub": diff("routed", "opd_sub_own", "sub"),
         # what routing adds where the other specialist is weak
         "routed_minus_opd_sub_on_add": diff("routed", "opd_sub", "add"),
         "routed_minus_opd_add_on_sub": diff("routed", "opd_add", "sub"),
@@ -163,8 +174,8 @@ def summarise(runs: dict[str, list[dict]], n_test: int) -> dict:
         return comparisons[name]["ci_low"] is not None and comparisons[name]["ci_low"] > 0
 
     verdict = {
-        "specialists_teach": above("opd_add_minus_untrained_on_add") and
-        above("opd_sub_minus_untrained_on_sub"),
+        "specialists_teach": above("opd_add_own_minus_untrained_on_add") and
+        above("opd_sub_own_minus_untrained_on_sub"),
         "routed_teaches_both": above("routed_minus_untrained_on_add") and
         above("routed_minus_untrained_on_sub")}
     return {"arms": arms, "comparisons": comparisons, "verdict": verdict}
@@ -241,7 +252,7 @@ def render_multi_table(r: dict) -> str:
         v = ("undefined" if d["value"] is None else
              f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
              f"(±{d['half_width']:.3f})")
-        lines.append(f"{name:<34} {v}")
+        lines.append(f"{name:<38} {v}")
     yes = {k: "yes" if v else "no" for k, v in r["verdict"].items()}
     lines.append(f"each specialist teaches its own skill: {yes['specialists_teach']}; "
                  f"routing teaches both at once: {yes['routed_teaches_both']}")
