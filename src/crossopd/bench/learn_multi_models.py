@@ -142,9 +142,12 @@ def locate(preset: Any, sets: int, retrain: bool = False,
     """(artifact directory, ``shipped``, ``cache`` or ``trained``)."""
     key = artifact_key(preset)
     cached = cache_dir() / "bench_learn" / f"multi-{VERSION}-{key}"
-    return find_artifacts(key, sets, "sets", (SHIPPED, cached), retrain, lambda: (
-        progress(f"training {sets} specialist set(s) and the student into {cached}"),
-        build_artifacts(preset, sets, cached, progress)))
+
+    def build() -> None:
+        progress(f"training {sets} specialist set(s) and the student into {cached}")
+        build_artifacts(preset, sets, cached, progress)
+
+    return find_artifacts(key, sets, "sets", (SHIPPED, cached), retrain, build)
 
 
 def load_artifacts(root: Path, sets: int) -> list[dict[str, Any]]:

@@ -127,13 +127,16 @@ def locate(preset: Any, pairs: int, splits: tuple[list, list, list], retrain: bo
     shipped artifacts serve a preset whose model settings and pair count they were built for."""
     key = artifact_key(preset)
     cached = cache_dir() / "bench_learn" / f"{VERSION}-{key}"
-    return find_artifacts(key, pairs, "pairs", (SHIPPED, cached), retrain, lambda: (
-        progress(f"training {pairs} teacher pair(s) and the student into {cached}"),
-        build_artifacts(preset, pairs, cached, splits, progress)))
+
+    def build() -> None:
+        progress(f"training {pairs} teacher pair(s) and the student into {cached}")
+        build_artifacts(preset, pairs, cached, splits, progress)
+
+    return find_artifacts(key, pairs, "pairs", (SHIPPED, cached), retrain, build)
 
 
 def find_artifacts(key: str, count: int, field: str, roots: tuple[Path, Path], retrain: bool,
-                   build: Callable[[], Any]) -> tuple[Path, str]:
+                   build: Callable[[], None]) -> tuple[Path, str]:
     """(directory, ``shipped``, ``cache`` or ``trained``): the first of ``roots`` (shipped,
     cache) whose manifest has ``key`` and at least ``count`` in its ``field``, or the cache
     after ``build()`` has trained into it (always, with ``retrain``)."""
