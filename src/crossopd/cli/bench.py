@@ -33,7 +33,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="learn: preset settings, e.g. budget_tokens=240000 opd_lr=3e-4 "
                    "arms=sft,opd_cross_proportional,opd_same, together=1 (OPD students one "
-                   "at a time; default 0: an arm's seeds trained together, same results) "
+                   "at a time; default 0: an arm's seeds trained together, same results), "
+                   "headline_seeds=12 (seeds of the cross and oracle arms) "
                    "(fields of bench.learn.Preset)")
     b.add_argument("--quick", action="store_true", help="align: fewer sizes, shorter timing; "
                    "learn: the quick preset")
