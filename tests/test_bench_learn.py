@@ -9,10 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crossopd.bench.learn import ARMS, HEADLINE_ARMS, PRESETS, bench_learn, with_settings
 from crossopd.bench.learn_stats import bootstrap, difference, gain_ratio, summarise
 from crossopd.bench.learn_task import (
+    ANSWER_KINDS,
+    answer_kind,
     check_answer,
     make_problem,
     make_split,
@@ -36,6 +40,26 @@ def test_problems_are_correct_and_splits_disjoint():
     assert len({p for p, _, _ in train}) == 300
 
 
+def test_answer_kinds_sort_each_way_of_going_wrong():
+    p = "12+34+5="
+    assert answer_kind(p, "12+34=46,46+5=51", 51, ended=True) == "correct"
+    assert answer_kind(p, "12+34=47,47+5=52", 51, ended=True) == "wrong_first_sum"
+    assert answer_kind(p, "12+43=55,55+5=60", 51, ended=True) == "wrong_first_sum"
+    assert answer_kind(p, "12+34=46,45+5=50", 51, ended=True) == "wrong_copy"
+    assert answer_kind(p, "12+34=46,46+6=52", 51, ended=True) == "wrong_copy"
+    assert answer_kind(p, "12+34=46,46+5=52", 51, ended=True) == "wrong_last_sum"
+    assert answer_kind(p, "12+34=46,46+5=5", 51, ended=True) == "wrong_last_sum"
+    assert answer_kind(p, "12+34=46,46+", 51, ended=False) == "malformed_no_end"
+    assert answer_kind(p, "12+34=46", 51, ended=True) == "malformed_ended"
+
+
+@given(st.text(alphabet="0123456789+=, ", max_size=30), st.integers(0, 400), st.booleans())
+def test_answer_kind_is_correct_exactly_when_the_checker_says_so(response, answer, ended):
+    kind = answer_kind("12+34+5=", response, answer, ended)
+    assert kind in ANSWER_KINDS
+    assert (kind == "correct") == check_answer(response, answer)
+
+
 def test_checker_is_exact():
     assert check_answer("12+34=46,46+5=51", 51)
     assert check_answer("=51  ", 51)
@@ -46,8 +70,8 @@ def test_checker_is_exact():
 
 def test_tokenizers_disagree_on_digit_boundaries_but_align_exactly():
     corpus = [p + s for p, s, _ in make_split(500, 3)]
-    tt, st = train_teacher_tokenizer(corpus), train_student_tokenizer(corpus)
-    tv, sv = ByteVocab.from_pretrained(tt), ByteVocab.from_pretrained(st)
+    tt, stok = train_teacher_tokenizer(corpus), train_student_tokenizer(corpus)
+    tv, sv = ByteVocab.from_pretrained(tt), ByteVocab.from_pretrained(stok)
     assert sv.kind == "metaspace" and tv.kind == "byte_level"
     shares = []
     for text in corpus[:50]:

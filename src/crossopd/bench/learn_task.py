@@ -34,6 +34,30 @@ def check_answer(response: str, answer: int) -> bool:
     return m is not None and int(m.group(1)) == answer
 
 
+_WORKED = re.compile(r"^(\d+)\+(\d+)=(\d+),(\d+)\+(\d+)=(\d+)\s*$")
+ANSWER_KINDS = ("correct", "wrong_first_sum", "wrong_copy", "wrong_last_sum",
+                "malformed_ended", "malformed_no_end")
+
+
+def answer_kind(prompt: str, response: str, answer: int, ended: bool) -> str:
+    """Where a response to ``a+b+c=`` goes wrong, one of ``ANSWER_KINDS``: correct; the worked
+    solution's first step ``a+b=s`` wrong; its second step not starting from that ``s`` and
+    ``c``; only ``s+c`` wrong; or not of the form ``a+b=s,s+c=t`` at all, split by whether the
+    student ended its turn (``ended``) or ran to the token cap."""
+    if check_answer(response, answer):  # the benchmark's own checker decides what is correct
+        return "correct"
+    a, b, c = (int(x) for x in prompt.rstrip("=").split("+"))
+    m = _WORKED.match(response)
+    if m is None:
+        return "malformed_ended" if ended else "malformed_no_end"
+    a1, b1, s1, s2, c2, _ = (int(x) for x in m.groups())
+    if (a1, b1) != (a, b) or s1 != a + b:
+        return "wrong_first_sum"
+    if (s2, c2) != (s1, c):
+        return "wrong_copy"
+    return "wrong_last_sum"
+
+
 def make_split(n: int, seed: int, exclude: set[str] = frozenset(), digits: int = 2,
                problem: Callable[[random.Random], tuple[str, str, int]] | None = None):
     """``n`` distinct problems (by prompt) from ``problem`` (default: ``make_problem`` with
@@ -175,7 +199,13 @@ def supervised_train(model: Any, pairs: Sequence[tuple[list[int], ...]], steps: 
 def generate_texts(model: Any, tok: Any, prompts: list[str], max_new_tokens: int,
                    sample: bool) -> list[str]:
     """Continuations of ``prompts`` (greedy, or sampled from the full distribution), cut at EOS."""
-    texts = []
+    return generate_ended(model, tok, prompts, max_new_tokens, sample)[0]
+
+
+def generate_ended(model: Any, tok: Any, prompts: list[str], max_new_tokens: int,
+                   sample: bool) -> tuple[list[str], list[bool]]:
+    """``generate_texts``, and for each continuation whether it ended (EOS before the cap)."""
+    texts, ended = [], []
     for lo in range(0, len(prompts), 64):
         ids_list = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[lo: lo + 64]]
         ids, mask = left_pad(ids_list, tok.pad_token_id)
@@ -185,10 +215,11 @@ def generate_texts(model: Any, tok: Any, prompts: list[str], max_new_tokens: int
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                              **extra)
         for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
+            ended.append(tok.eos_token_id in row)
+            if ended[-1]:
                 row = row[: row.index(tok.eos_token_id)]
             texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts
+    return texts, ended
 
 
 def correct_answers(model: Any, tok: Any, problems: list[tuple[str, str, int]],
