@@ -7,7 +7,7 @@ worked solution's form, ended or run to the token cap).
 
     python scripts/learn_trace_students.py PAIR SEEDS [ARMS] [RUNS_JSON]
     python scripts/learn_trace_students.py 0 1,2,3 opd_cross_1to1,opd_cross_proportional \\
-        docs/bench_learn/standard-2026-12-05/runs.json          # ~6 min on 2 cores
+        docs/bench_learn/standard-2026-12-05/runs.json   # ~45 s per arm and pair on 2 cores
 
 Prints one JSON line per run: the categories' shares, the mean answer length, examples.
 """
